@@ -1,0 +1,364 @@
+"""Triton kernels of the fused LoRA linear, and their launchers.
+
+Forward:  xa = dropout(x) Aᵀ                       (lora_down)
+          y  = x Wᵀ + b + s · xa Bᵀ                 (gemm_lora: the LoRA term is the GEMM's epilogue)
+Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of dy)
+          dx = dy W + s · mask ⊙ (g A)              (gemm_lora again, dropout mask in the epilogue)
+          dA = s · gᵀ dropout(x)                    (lora_grad_a: one read of x)
+
+The dropout mask is Philox (`tl.randint`) keyed by a seed and the flat index m·K + k of the
+element of x, so backward regenerates it instead of storing it. `keep = (bits >> 8) >= threshold`
+with `threshold = round(p · 2**24)`: an integer test, reproduced bit-for-bit by the torch reference.
+
+Reductions across programs (dB, db, g when N is split, dA when M is split) go through fp32
+`atomic_add` into zeroed buffers; the launchers return those fp32 buffers.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Under TRITON_INTERPRET=1 (CPU) autotuning would run every config on numpy: one small config there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _rank_pad(r: int) -> int:
+    # tl.dot needs every dimension >= 16.
+    return max(16, triton.next_power_of_2(r))
+
+
+def _gemm_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    shapes = [
+        # (BM, BN, BK, warps, stages): Hopper-sized tiles first, smaller ones for small or odd shapes.
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 256, 32, 8, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+@triton.jit
+def _keep_mask(seed, offs_m, offs_k, row_len, threshold):
+    """Dropout keep-mask for elements (m, k) of an (M, row_len) tensor: Philox on the flat index."""
+    flat = offs_m.to(tl.int64)[:, None] * row_len + offs_k.to(tl.int64)[None, :]
+    bits = tl.randint(seed, flat)
+    return (bits >> 8).to(tl.int32) >= threshold
+
+
+@triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "R_PAD"])
+@triton.jit
+def _gemm_lora_kernel(
+    a_ptr, b_ptr, bias_ptr, c_ptr, d_ptr, out_ptr,
+    M, N, K, R, m_bucket,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cr, stride_dn, stride_dr,
+    stride_om, stride_on,
+    scale, seed, threshold,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[M, N] = a[M, K] · b[N, K]ᵀ (+ bias[N]) + scale · mask ⊙ (c[M, R] · d[N, R]ᵀ)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles share the same b tiles while they are in L2.
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % group_m)
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        c = tl.load(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            c = c.to(tl.float32)
+            dt = dt.to(tl.float32)
+        else:
+            c = c.to(dt.dtype)
+        lora = tl.dot(c, dt, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            lora = tl.where(_keep_mask(seed, offs_m, offs_n, N, threshold), lora, 0.0)
+        acc += scale * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, out_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    scale, seed, threshold,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, R] = scale · (mask ⊙ x[M, K]) · a[R, K]ᵀ; one pass over x."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < K
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep_mask(seed, offs_m, ks, K, threshold), x, 0.0)
+        at = tl.load(a_ptr + offs_r[:, None] * stride_ar + ks[None, :] * stride_ak,
+                     mask=mask_r[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(x, tl.trans(at), acc, input_precision=PRECISION)
+    acc = acc * scale
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, xa_ptr, g_ptr, db_ptr, dbias_ptr,
+    M, N, R, n_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
+    scale,
+    HAS_BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """From one read of dy[M, N]: g[M, R] += dy·b, db[N, R] += scale·dyᵀ·xa, dbias[N] += Σ_m dy (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    n_start = pid_s * n_per_split
+    n_end = min(n_start + n_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        ns = n0 + offs_n
+        n_ok = ns < n_end
+        dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + ns[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & mask_r[None, :], other=0.0)
+        xa_op = xa.to(dy.dtype)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+            xa_op = xa.to(tl.float32)
+        g = tl.dot(dy, b, g, input_precision=PRECISION)
+        db_part = tl.dot(tl.trans(dy), xa_op, input_precision=PRECISION) * scale
+        tl.atomic_add(db_ptr + ns[:, None] * R + offs_r[None, :], db_part,
+                      mask=n_ok[:, None] & mask_r[None, :], sem="relaxed")
+        if HAS_BIAS_GRAD:
+            tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
+    tl.atomic_add(g_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], g,
+                  mask=mask_m[:, None] & mask_r[None, :], sem="relaxed")
+
+
+@triton.jit
+def _lora_grad_a_kernel(
+    g_ptr, x_ptr, da_ptr,
+    M, K, R, m_per_split,
+    stride_gm, stride_gr, stride_xm, stride_xk,
+    scale, seed, threshold,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """da[R, K] += scale · g[M, R]ᵀ · (mask ⊙ x[M, K]) over this program's slice of M (fp32)."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    m_start = pid_s * m_per_split
+    m_end = min(m_start + m_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        ms = m0 + offs_m
+        m_ok = ms < m_end
+        x = tl.load(x_ptr + ms.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_ok[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep_mask(seed, ms, offs_k, K, threshold), x, 0.0)
+        g = tl.load(g_ptr + ms.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                    mask=m_ok[:, None] & mask_r[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            g = g.to(tl.float32)
+        else:
+            g = g.to(x.dtype)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], acc * scale,
+                  mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Shapes: x (M, K) any strides; weight (N, K); lora_a (R, K); lora_b (N, R).
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The CPU interpreter's tl.dot returns garbage on bf16 operands (triton 3.9): compute in fp32 there.
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold of the keep test `(bits >> 8) >= threshold` for drop probability p."""
+    return int(round(p * (1 << 24)))
+
+
+def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0):
+    """out = a · bᵀ (+ bias) + scale · mask ⊙ (c · dᵀ).
+
+    a: (M, K), b: (N, K), bias: (N,) or None, c: (M, R) or None, d: (N, R); any strides.
+    mask_seed: when given, the LoRA term is multiplied by the keep-mask of an (M, N) tensor.
+    Returns a new contiguous (M, N) tensor of out_dtype.
+    """
+    M, K = a.shape
+    N = b.shape[0]
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    has_lora = c is not None
+    R = c.shape[1] if has_lora else 1
+    c_ = c if has_lora else a
+    d_ = d if has_lora else b
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _gemm_lora_kernel[grid](
+        a, b, bias if bias is not None else a, c_, d_, out,
+        M, N, K, R, triton.next_power_of_2(M),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_.stride(0), c_.stride(1),
+        d_.stride(0), d_.stride(1), out.stride(0), out.stride(1),
+        float(scale), mask_seed if mask_seed is not None else 0, threshold,
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=mask_seed is not None,
+        UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R),
+    )
+    return out
+
+
+def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0):
+    """xa = scale · (mask ⊙ x) · lora_aᵀ: x (M, K), lora_a (R, K) -> (M, R) of out_dtype."""
+    M, K = x.shape
+    R = lora_a.shape[0]
+    out = torch.empty((M, R), device=x.device, dtype=out_dtype)
+    r_pad = _rank_pad(R)
+    block_m = 32 if _INTERPRET else (64 if r_pad <= 64 else 32)
+    block_k = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
+    _lora_down_kernel[(triton.cdiv(M, block_m),)](
+        x, lora_a, out, M, K, R,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
+        float(scale), mask_seed if mask_seed is not None else 0, threshold,
+        HAS_DROPOUT=mask_seed is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def lora_dy(dy, lora_b, xa, scale, *, bias_grad=False):
+    """From dy (M, N), lora_b (N, R), xa (M, R): g = dy·lora_b (M, R), db = scale·dyᵀ·xa (N, R),
+    dbias = Σ_m dy (N,) or None; all fp32."""
+    M, N = dy.shape
+    R = lora_b.shape[1]
+    g = torch.zeros((M, R), device=dy.device, dtype=torch.float32)
+    db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
+    dbias = torch.zeros((N,), device=dy.device, dtype=torch.float32) if bias_grad else g
+    r_pad = _rank_pad(R)
+    block_m = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
+    block_n = 32 if _INTERPRET else 64
+    m_blocks = triton.cdiv(M, block_m)
+    # Split N so the grid covers the GPU about twice over; every split adds M·R atomics to g.
+    splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(2 * _num_sms(dy.device), m_blocks)))
+    n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+    splits = triton.cdiv(N, n_per_split)
+    _lora_dy_kernel[(m_blocks, splits)](
+        dy, lora_b, xa, g, db, dbias,
+        M, N, R, n_per_split,
+        dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1),
+        float(scale),
+        HAS_BIAS_GRAD=bias_grad, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4 if r_pad <= 64 else 8, num_stages=3,
+    )
+    return g, db, (dbias if bias_grad else None)
+
+
+def lora_grad_a(g, x, scale, *, mask_seed=None, threshold=0):
+    """da = scale · gᵀ · (mask ⊙ x): g (M, R), x (M, K) -> (R, K) fp32."""
+    M, K = x.shape
+    R = g.shape[1]
+    da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
+    r_pad = _rank_pad(R)
+    block_k = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
+    block_m = 32 if _INTERPRET else 64
+    k_blocks = triton.cdiv(K, block_k)
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _num_sms(x.device), k_blocks)))
+    m_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, m_per_split)
+    _lora_grad_a_kernel[(k_blocks, splits)](
+        g, x, da, M, K, R, m_per_split,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        float(scale), mask_seed if mask_seed is not None else 0, threshold,
+        HAS_DROPOUT=mask_seed is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+        num_warps=4 if r_pad <= 64 else 8, num_stages=3,
+    )
+    return da

@@ -1,0 +1,210 @@
+"""Differentiable LoRA ops over the Triton kernels, each beside its pure-torch reference.
+
+`lora_linear` runs the fused kernels on CUDA tensors (and on CPU tensors under
+`TRITON_INTERPRET=1`); elsewhere it falls back to `lora_linear_reference`, which computes the
+same function (the same dropout mask included) with plain torch ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "lora_linear",
+    "lora_linear_reference",
+    "dropout_keep_mask",
+    "draw_dropout_seed",
+    "kernels_available",
+]
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+
+
+def _mul32(a: torch.Tensor | int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a·b for unsigned 32-bit values held in int64 tensors."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    t = a * b_hi  # < 2**48: no int64 overflow
+    u = a * b_lo
+    hi = (t + (u >> 16)) >> 16
+    lo = (((t & 0xFFFF) << 16) + u) & _MASK32
+    return hi, lo
+
+
+def _philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton's `tl.randint(seed, offsets)` (Philox-4x32-10, first output) in int64 arithmetic."""
+    c0 = offsets & _MASK32
+    c1 = offsets >> 32
+    c2 = torch.zeros_like(offsets)
+    c3 = torch.zeros_like(offsets)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(c2, torch.full_like(c2, _PHILOX_ROUND_B))
+        hi_a, lo_a = _mul32(c0, torch.full_like(c0, _PHILOX_ROUND_A))
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Bool (rows, cols) keep-mask, identical to the one the kernels generate for element (m, k)."""
+    from lora_engine.kernels.lora_linear import dropout_threshold
+
+    flat = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * cols + torch.arange(
+        cols, device=device, dtype=torch.int64
+    )
+    return (_philox_randint(seed, flat) >> 8) >= dropout_threshold(p)
+
+
+def draw_dropout_seed() -> int:
+    """A dropout seed from torch's default generator, so `torch.manual_seed` repeats a run."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def kernels_available(x: torch.Tensor) -> bool:
+    """True where the Triton kernels run for x: CUDA tensors, or any tensor under TRITON_INTERPRET=1."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return x.is_cuda
+
+
+def _check(x, weight, bias, lora_a, lora_b, dropout_p):
+    if weight.requires_grad:
+        raise ValueError(
+            "lora_linear keeps the base weight frozen, but `weight.requires_grad` is True. "
+            "Call `weight.requires_grad_(False)` for LoRA training, or use a plain nn.Linear for "
+            "full fine-tuning."
+        )
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError("weight, lora_a and lora_b must be 2-D: (out, in), (r, in), (out, r)")
+    out_f, in_f = weight.shape
+    r = lora_a.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {in_f}")
+    if lora_a.shape != (r, in_f) or lora_b.shape != (out_f, r):
+        raise ValueError(
+            f"LoRA shapes do not fit weight {tuple(weight.shape)}: lora_a {tuple(lora_a.shape)} "
+            f"should be ({r}, {in_f}) and lora_b {tuple(lora_b.shape)} should be ({out_f}, {r})"
+        )
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ in plain torch (differentiable by autograd).
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; lora_a: (r, in); lora_b: (out, r).
+    With dropout active the seed is drawn as `lora_linear` draws it, so after the same
+    `torch.manual_seed` both apply the same mask; pass `seed` to fix it explicitly.
+    """
+    _check(x, weight, bias, lora_a, lora_b, dropout_p)
+    y = F.linear(x, weight, bias)
+    xd = x
+    if training and dropout_p > 0.0:
+        seed = draw_dropout_seed() if seed is None else seed
+        in_f = x.shape[-1]
+        rows = x.numel() // in_f
+        keep = dropout_keep_mask(seed, rows, in_f, dropout_p, device=x.device).reshape(x.shape)
+        xd = x * keep.to(x.dtype) / (1.0 - dropout_p)
+    return y + scaling * F.linear(F.linear(xd, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Fused LoRA linear. Saves x (as given, no copy) and xa = dropout(x)·Aᵀ of shape (M, r);
+    the dropout mask is regenerated in backward from its seed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+        from lora_engine.kernels import lora_linear as K
+
+        in_f = x.shape[-1]
+        out_f = weight.shape[0]
+        x2 = x.reshape(-1, in_f)
+        a = lora_a.to(x.dtype)
+        b = lora_b.to(x.dtype)
+        threshold = K.dropout_threshold(dropout_p) if seed is not None else 0
+        keep_scale = 1.0 / (1.0 - dropout_p) if seed is not None else 1.0
+        xa = K.lora_down(x2, a, keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
+        y = K.gemm_lora(x2, weight, bias, xa, b, scaling, x.dtype)
+        ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.meta = (x.shape, scaling, dropout_p, seed, threshold, keep_scale, lora_a.dtype, lora_b.dtype)
+        return y.reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lora_engine.kernels import lora_linear as K
+
+        x2, xa, weight, a, b = ctx.saved_tensors
+        x_shape, scaling, dropout_p, seed, threshold, keep_scale, a_dtype, b_dtype = ctx.meta
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.dtype != x2.dtype:
+            dy2 = dy2.to(x2.dtype)
+        g, db, dbias = K.lora_dy(dy2, b, xa, scaling, bias_grad=need_bias)
+        dx = da = None
+        if need_x:
+            # dx = dy·W + s·mask ⊙ (g·A): W read as (in, out) and A as (in, r) through strides.
+            dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), scaling * keep_scale, x2.dtype,
+                             mask_seed=seed, threshold=threshold).reshape(x_shape)
+        if need_a:
+            da = K.lora_grad_a(g, x2, scaling * keep_scale, mask_seed=seed, threshold=threshold)
+            da = da.to(a_dtype)
+        db = db.to(b_dtype) if need_b else None
+        if dbias is not None:
+            dbias = dbias.to(x2.dtype)
+        return dx, None, dbias, da, db, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ through the fused Triton kernels.
+
+    x: (..., in), any strides, fp32/fp16/bf16; weight: (out, in), frozen; bias: (out,) or None;
+    lora_a: (r, in); lora_b: (out, r) (cast to x's dtype for the matmuls; their grads come back in
+    their own dtype). Dropout (only when `training`) uses a Philox mask keyed by a seed drawn from
+    torch's generator. Under autocast the inputs are cast to the autocast dtype first.
+    Falls back to `lora_linear_reference` where the kernels cannot run (CPU without the interpreter).
+    """
+    _check(x, weight, bias, lora_a, lora_b, dropout_p)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif weight.dtype != x.dtype:
+        raise TypeError(
+            f"x is {x.dtype} but the base weight is {weight.dtype}: cast the input (or the model) "
+            "so they match, or run under torch.autocast"
+        )
+    seed = draw_dropout_seed() if (training and dropout_p > 0.0) else None
+    if not kernels_available(x):
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, seed)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
