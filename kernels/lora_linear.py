@@ -22,6 +22,9 @@ import triton.language as tl
 
 # Under TRITON_INTERPRET=1 (CPU) autotuning would run every config on numpy: one small config there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotuning compiles and times every config for each new (M bucket, N, K, rank): worth it for a
+# benchmark or a long run, not for a short job with varying shapes. Default: a shape heuristic.
+_AUTOTUNE = os.environ.get("LORA_ENGINE_AUTOTUNE", "0") == "1"
 
 
 def _rank_pad(r: int) -> int:
@@ -57,7 +60,6 @@ def _keep_mask(seed, offs_m, offs_k, row_len, threshold):
     return (bits >> 8).to(tl.int32) >= threshold
 
 
-@triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "R_PAD"])
 @triton.jit
 def _gemm_lora_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr, d_ptr, out_ptr,
@@ -121,6 +123,22 @@ def _gemm_lora_kernel(
 
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_gemm_lora_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "R_PAD"])(
+    _gemm_lora_kernel
+)
+
+
+def _gemm_heuristic(M: int, N: int) -> dict:
+    """Tile config without autotuning: large Hopper tiles for large problems, smaller otherwise."""
+    if _INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if M >= 2048 and N >= 2048:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if M >= 512 and N >= 512:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
 @triton.jit
@@ -282,14 +300,15 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     c_ = c if has_lora else a
     d_ = d if has_lora else b
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _gemm_lora_kernel[grid](
+    kernel, config = (_gemm_lora_autotuned, {}) if _AUTOTUNE else (_gemm_lora_kernel, _gemm_heuristic(M, N))
+    kernel[grid](
         a, b, bias if bias is not None else a, c_, d_, out,
         M, N, K, R, triton.next_power_of_2(M),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_.stride(0), c_.stride(1),
         d_.stride(0), d_.stride(1), out.stride(0), out.stride(1),
         float(scale), mask_seed if mask_seed is not None else 0, threshold,
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=mask_seed is not None,
-        UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R),
+        UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R), **config,
     )
     return out
 

@@ -1,0 +1,204 @@
+"""lora_linear (fused Triton kernels) against an fp64 reference, forward and every gradient.
+
+CPU: the kernels run under TRITON_INTERPRET=1 on small shapes, fp32 and fp16.
+GPU (`-m gpu`): bf16 and fp16 on large and odd shapes, with every output element checked written.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lora_engine.ops import (
+    dropout_keep_mask,
+    kernels_available,
+    lora_linear,
+    lora_linear_reference,
+)
+
+# Relative-error tolerances (‖out − ref‖ / ‖ref‖) against an fp64 reference on the same inputs.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, lora_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(device=device, dtype=dtype)
+    b = torch.randn(n, generator=g).to(device=device, dtype=dtype).requires_grad_() if bias else None
+    a = (torch.randn(r, k, generator=g) / math.sqrt(k)).to(device=device, dtype=lora_dtype).requires_grad_()
+    bb = (torch.randn(n, r, generator=g) / math.sqrt(r)).to(device=device, dtype=lora_dtype).requires_grad_()
+    return x, w, b, a, bb
+
+
+def run_both(x, w, b, a, bb, scaling, p, training=True, seed=1234):
+    """Forward + backward of the op and of the fp64 reference with the same dropout seed."""
+    torch.manual_seed(seed)
+    y = lora_linear(x, w, b, a, bb, scaling, p, training)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y)
+    leaves = [t for t in (x, a, bb, b) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, a64, bb64 = leaves64[:3]
+    b64 = leaves64[3] if b is not None else None
+    torch.manual_seed(seed)
+    y64 = lora_linear_reference(x64, w.double(), b64, a64, bb64, scaling, p, training)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    return (y, *grads), (y64, *grads64)
+
+
+def assert_close(outs, refs, tol):
+    names = ["y", "dx", "dA", "dB", "dbias"]
+    for name, o, r in zip(names, outs, refs):
+        assert o.shape == r.shape, name
+        assert torch.isfinite(o).all(), f"{name} has non-finite values"
+        err = rel_err(o, r)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r", [1, 4, 16, 33, 64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_matches_fp64_reference(dtype, r, bias, p):
+    x, w, b, a, bb = make_inputs((19,), 45, 37, r, dtype, bias=bias, seed=r)
+    outs, refs = run_both(x, w, b, a, bb, scaling=2.0 / r, p=p)
+    assert_close(outs, refs, TOL[dtype])
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    k=st.integers(1, 90),
+    n=st.integers(1, 90),
+    r=st.integers(1, 64),
+    p=st.sampled_from([0.0, 0.3]),
+)
+def test_random_shapes(m, k, n, r, p):
+    x, w, b, a, bb = make_inputs((m,), k, n, r, torch.float32, seed=m * 7 + k)
+    outs, refs = run_both(x, w, b, a, bb, scaling=0.5, p=p)
+    assert_close(outs, refs, TOL[torch.float32])
+
+
+def test_3d_input_and_rank_256():
+    x, w, b, a, bb = make_inputs((2, 5), 40, 24, 256, torch.float32)
+    outs, refs = run_both(x, w, b, a, bb, scaling=1 / 16, p=0.2)
+    assert outs[0].shape == (2, 5, 24)
+    assert_close(outs, refs, TOL[torch.float32])
+
+
+def test_non_contiguous_x():
+    """A sliced view (row stride > k) and a column-major x both run without a copy of x."""
+    _, w, b, a, bb = make_inputs((1,), 24, 17, 8, torch.float32)
+    sliced = torch.randn(40, 31)[:, 3:27]
+    col_major = torch.randn(24, 40).t()
+    for x in (sliced, col_major):
+        assert not x.is_contiguous()
+        outs, refs = run_both(x.requires_grad_(), w, b, a, bb, scaling=2.0, p=0.1)
+        assert_close(outs, refs, TOL[torch.float32])
+
+
+def test_transposed_view_weight():
+    """A GPT-2 Conv1D keeps its weight as (in, out): the op takes `weight.t()` without a copy."""
+    x, w, b, a, bb = make_inputs((13,), 20, 28, 4, torch.float32)
+    w_t = w.t().contiguous().t()
+    assert not w_t.is_contiguous()
+    outs, refs = run_both(x, w_t, b, a, bb, scaling=1.0, p=0.0)
+    assert_close(outs, refs, TOL[torch.float32])
+
+
+def test_dropout_is_reproducible_and_has_the_right_rate():
+    x, w, b, a, bb = make_inputs((64,), 128, 16, 8, torch.float32)
+    torch.manual_seed(7)
+    y1 = lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    torch.manual_seed(7)
+    y2 = lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    y3 = lora_linear(x, w, b, a, bb, 1.0, 0.5)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+    keep = dropout_keep_mask(123, 256, 512, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+
+
+def test_eval_mode_has_no_dropout():
+    x, w, b, a, bb = make_inputs((9,), 16, 8, 4, torch.float32)
+    y_eval = lora_linear(x, w, b, a, bb, 1.0, 0.9, training=False)
+    y_none = lora_linear_reference(x, w, b, a, bb, 1.0, 0.0)
+    assert rel_err(y_eval, y_none) < 1e-6
+
+
+def test_no_grad_input_skips_dx():
+    x, w, b, a, bb = make_inputs((9,), 16, 8, 4, torch.float32)
+    x = x.detach()
+    y = lora_linear(x, w, None, a, bb, 1.0)
+    y.sum().backward()
+    assert a.grad is not None and bb.grad is not None
+
+
+def test_lora_params_keep_their_dtype():
+    x, w, b, a, bb = make_inputs((9,), 16, 8, 4, torch.float16, lora_dtype=torch.float32)
+    y = lora_linear(x, w, b, a, bb, 1.0)
+    y.float().sum().backward()
+    assert y.dtype == torch.float16
+    assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
+
+
+def test_frozen_weight_is_required():
+    x, w, b, a, bb = make_inputs((3,), 8, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match="requires_grad"):
+        lora_linear(x, w.requires_grad_(), b, a, bb, 1.0)
+
+
+def test_bad_shapes_are_named():
+    x, w, b, a, bb = make_inputs((3,), 8, 6, 2, torch.float32)
+    with pytest.raises(ValueError, match="lora_a"):
+        lora_linear(x, w, b, a[:, :5], bb, 1.0)
+    with pytest.raises(ValueError, match="features"):
+        lora_linear(x[:, :5], w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, b, a, bb, 1.0, dropout_p=1.0)
+    with pytest.raises(TypeError, match="autocast"):
+        lora_linear(x.half(), w, b, a, bb, 1.0)
+
+
+def test_reference_fallback_matches_kernels():
+    """The CPU fallback (no interpreter) is the reference: same mask, same numbers."""
+    assert kernels_available(torch.zeros(1))  # this suite runs the kernels interpreted
+    x, w, b, a, bb = make_inputs((11,), 24, 12, 4, torch.float32)
+    torch.manual_seed(3)
+    y = lora_linear(x, w, b, a, bb, 0.5, 0.25)
+    torch.manual_seed(3)
+    y_ref = lora_linear_reference(x, w, b, a, bb, 0.5, 0.25)
+    assert rel_err(y, y_ref) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def _poison_cache(nbytes=1 << 30):
+    """Fill the caching allocator's free blocks with NaN so an unwritten output element shows."""
+    torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ((4096,), 4096, 4096, 16),
+        ((2, 1023), 2049, 1537, 8),
+        ((777,), 4095, 14335, 64),
+        ((3, 5, 7), 100, 200, 256),
+    ],
+)
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_gpu_against_fp64(dtype, shape, p):
+    lead, k, n, r = shape
+    x, w, b, a, bb = make_inputs(lead, k, n, r, dtype, device="cuda", lora_dtype=dtype, seed=k + n)
+    _poison_cache()
+    outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=p)
+    assert_close(outs, refs, TOL[dtype])
