@@ -19,13 +19,14 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from lora_engine.ops import lora_linear, lora_linear_reference
+from lora_engine.ops import lora_linear, lora_linear_reference, set_base_gemm
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (2048, 2048, 2048)]
 RANKS = [8, 16, 64]
 DROPOUTS = [0.0, 0.05]
 
 try:
+    from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
 except Exception:  # peft is an optional peer here
     PeftLoraLinear = None
@@ -87,7 +88,8 @@ def bench_row(m, k, n, r, p):
     if PeftLoraLinear is not None:
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         lin.weight.data.copy_(w)
-        layer = PeftLoraLinear(lin, "default", r=r, lora_alpha=2 * r, lora_dropout=p)
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p)
+        layer = PeftLoraLinear(lin, "default", config=config, r=r, lora_alpha=2 * r)
         layer.to(device="cuda", dtype=torch.bfloat16)
         layer.requires_grad_(False)
         layer.lora_A["default"].weight.requires_grad_(True)
@@ -104,10 +106,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first shape only, ranks 16, no dropout")
     ap.add_argument("--out", default=None, help="write rows as JSON lines here")
+    ap.add_argument("--base-gemm", default="cublas", choices=["cublas", "triton"],
+                    help="how lora_linear runs the frozen base GEMM (see lora_engine.ops.set_base_gemm)")
     args = ap.parse_args()
+    set_base_gemm(args.base_gemm)
     shapes, ranks, drops = (SHAPES[:1], [16], [0.0]) if args.quick else (SHAPES, RANKS, DROPOUTS)
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
-          f"| python {platform.python_version()} | peft layer: {PeftLoraLinear is not None}")
+          f"| python {platform.python_version()} | peft layer: {PeftLoraLinear is not None} "
+          f"| base GEMM: {args.base_gemm}")
     rows = []
     for m, k, n in shapes:
         for r in ranks:

@@ -19,6 +19,7 @@ for job in "${@:-kernels}"; do
     kernels) LORA_ENGINE_AUTOTUNE=1 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.jsonl" \
                2>&1 | tee "$OUT/bench_kernels.log" | grep -v '^{' ;;
     kernels-quick) python3 benchmarks/bench_kernels.py --quick 2>&1 | tee "$OUT/bench_kernels_quick.log" ;;
+    *.py) python3 "$job" 2>&1 | tee "$OUT/$(basename "$job" .py).log" ;;
     *) python3 "benchmarks/bench_$job.py" 2>&1 | tee "$OUT/bench_$job.log" ;;
   esac
 done

@@ -53,10 +53,18 @@ def _gemm_configs():
 
 
 @triton.jit
-def _keep_mask(seed, offs_m, offs_k, row_len, threshold):
-    """Dropout keep-mask for elements (m, k) of an (M, row_len) tensor: Philox on the flat index."""
-    flat = offs_m.to(tl.int64)[:, None] * row_len + offs_k.to(tl.int64)[None, :]
-    bits = tl.randint(seed, flat)
+def _keep_mask(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len, threshold):
+    """Dropout keep-mask for rows offs_m, columns k_start + [0, BLOCK_K) of an (M, row_len) tensor.
+
+    One Philox call (`randint4x`, four 32-bit outputs) covers four consecutive columns: counter
+    m·ceil(row_len/4) + k//4. k_start and BLOCK_K are multiples of 4, so groups never straddle tiles.
+    """
+    groups = (row_len + 3) // 4
+    offs_g = k_start // 4 + tl.arange(0, BLOCK_K // 4)
+    ctr = offs_m.to(tl.int64)[:, None] * groups + offs_g.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    # Interleave to columns 4g + lane; the join nesting maps lanes 0..3 to outputs (r0, r2, r1, r3).
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_m.shape[0], BLOCK_K))
     return (bits >> 8).to(tl.int32) >= threshold
 
 
@@ -116,7 +124,7 @@ def _gemm_lora_kernel(
             c = c.to(dt.dtype)
         lora = tl.dot(c, dt, input_precision=PRECISION)
         if HAS_DROPOUT:
-            lora = tl.where(_keep_mask(seed, offs_m, offs_n, N, threshold), lora, 0.0)
+            lora = tl.where(_keep_mask(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, N, threshold), lora, 0.0)
         acc += scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -130,10 +138,12 @@ _gemm_lora_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket",
 )
 
 
-def _gemm_heuristic(M: int, N: int) -> dict:
+def _gemm_heuristic(M: int, N: int, K: int) -> dict:
     """Tile config without autotuning: large Hopper tiles for large problems, smaller otherwise."""
     if _INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if K == 0:  # LoRA term only (the cuBLAS path): a memory-bound write of the output
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
     if M >= 2048 and N >= 2048:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if M >= 512 and N >= 512:
@@ -164,7 +174,7 @@ def _lora_down_kernel(
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=mask_m[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, offs_m, ks, K, threshold), x, 0.0)
+            x = tl.where(_keep_mask(seed, offs_m, k0, BLOCK_K, K, threshold), x, 0.0)
         at = tl.load(a_ptr + offs_r[:, None] * stride_ar + ks[None, :] * stride_ak,
                      mask=mask_r[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
@@ -246,7 +256,7 @@ def _lora_grad_a_kernel(
         x = tl.load(x_ptr + ms.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, ms, offs_k, K, threshold), x, 0.0)
+            x = tl.where(_keep_mask(seed, ms, pid_k * BLOCK_K, BLOCK_K, K, threshold), x, 0.0)
         g = tl.load(g_ptr + ms.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                     mask=m_ok[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:
@@ -300,7 +310,7 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     c_ = c if has_lora else a
     d_ = d if has_lora else b
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel, config = (_gemm_lora_autotuned, {}) if _AUTOTUNE else (_gemm_lora_kernel, _gemm_heuristic(M, N))
+    kernel, config = (_gemm_lora_autotuned, {}) if _AUTOTUNE else (_gemm_lora_kernel, _gemm_heuristic(M, N, K))
     kernel[grid](
         a, b, bias if bias is not None else a, c_, d_, out,
         M, N, K, R, triton.next_power_of_2(M),

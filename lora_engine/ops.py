@@ -18,6 +18,7 @@ __all__ = [
     "dropout_keep_mask",
     "draw_dropout_seed",
     "kernels_available",
+    "set_base_gemm",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -37,8 +38,8 @@ def _mul32(a: torch.Tensor | int, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return hi, lo
 
 
-def _philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Triton's `tl.randint(seed, offsets)` (Philox-4x32-10, first output) in int64 arithmetic."""
+def _philox4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Triton's `tl.randint4x(seed, offsets)` (Philox-4x32-10) in int64 arithmetic."""
     c0 = offsets & _MASK32
     c1 = offsets >> 32
     c2 = torch.zeros_like(offsets)
@@ -50,22 +51,44 @@ def _philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Bool (rows, cols) keep-mask, identical to the one the kernels generate for element (m, k)."""
+    """Bool (rows, cols) keep-mask, identical to the one the kernels generate for element (m, k):
+    Philox counter m·ceil(cols/4) + k//4, output (0, 2, 1, 3)[k % 4], keep if (bits >> 8) >= p·2**24."""
     from lora_engine.kernels.lora_linear import dropout_threshold
 
-    flat = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * cols + torch.arange(
-        cols, device=device, dtype=torch.int64
+    groups = (cols + 3) // 4
+    ctr = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * groups + torch.arange(
+        groups, device=device, dtype=torch.int64
     )
-    return (_philox_randint(seed, flat) >> 8) >= dropout_threshold(p)
+    r0, r1, r2, r3 = _philox4x(seed, ctr)
+    bits = torch.stack([r0, r2, r1, r3], dim=-1).reshape(rows, 4 * groups)[:, :cols]
+    return (bits >> 8) >= dropout_threshold(p)
 
 
 def draw_dropout_seed() -> int:
     """A dropout seed from torch's default generator, so `torch.manual_seed` repeats a run."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+# How the frozen base GEMM runs inside `lora_linear`:
+#   "cublas": a Triton kernel writes the LoRA term (with bias, or the dropout mask in backward),
+#             then cuBLAS accumulates x·Wᵀ onto it in place (addmm_, beta=1);
+#   "triton": one Triton GEMM with the LoRA term in its epilogue (y written once).
+# "cublas" is the default: on H100 a Triton GEMM is still 1.1-1.3x slower than cuBLAS
+# (see benchmarks/RESULTS.md), which costs more than the extra read and write of y.
+BASE_GEMMS = ("cublas", "triton")
+_base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "cublas")
+
+
+def set_base_gemm(name: str) -> None:
+    """Choose how lora_linear runs the base GEMM: "cublas" (default) or "triton" (fully fused)."""
+    global _base_gemm
+    if name not in BASE_GEMMS:
+        raise ValueError(f"unknown base GEMM {name!r}; choose one of {BASE_GEMMS}")
+    _base_gemm = name
 
 
 def kernels_available(x: torch.Tensor) -> bool:
@@ -144,7 +167,11 @@ class LoRALinearFunction(torch.autograd.Function):
         threshold = K.dropout_threshold(dropout_p) if seed is not None else 0
         keep_scale = 1.0 / (1.0 - dropout_p) if seed is not None else 1.0
         xa = K.lora_down(x2, a, keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
-        y = K.gemm_lora(x2, weight, bias, xa, b, scaling, x.dtype)
+        if _base_gemm == "cublas":
+            y = K.gemm_lora(x2[:, :0], weight[:, :0], bias, xa, b, scaling, x.dtype)
+            y.addmm_(x2, weight.t())
+        else:
+            y = K.gemm_lora(x2, weight, bias, xa, b, scaling, x.dtype)
         ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.meta = (x.shape, scaling, dropout_p, seed, threshold, keep_scale, lora_a.dtype, lora_b.dtype)
         return y.reshape(*x.shape[:-1], out_f)
@@ -163,8 +190,12 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = da = None
         if need_x:
             # dx = dy·W + s·mask ⊙ (g·A): W read as (in, out) and A as (in, r) through strides.
-            dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), scaling * keep_scale, x2.dtype,
-                             mask_seed=seed, threshold=threshold).reshape(x_shape)
+            main_a, main_b = (dy2[:, :0], weight.t()[:, :0]) if _base_gemm == "cublas" else (dy2, weight.t())
+            dx = K.gemm_lora(main_a, main_b, None, g, a.t(), scaling * keep_scale, x2.dtype,
+                             mask_seed=seed, threshold=threshold)
+            if _base_gemm == "cublas":
+                dx.addmm_(dy2, weight)
+            dx = dx.reshape(x_shape)
         if need_a:
             da = K.lora_grad_a(g, x2, scaling * keep_scale, mask_seed=seed, threshold=threshold)
             da = da.to(a_dtype)

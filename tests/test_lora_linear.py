@@ -13,14 +13,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine.ops import (
+    BASE_GEMMS,
     dropout_keep_mask,
     kernels_available,
     lora_linear,
     lora_linear_reference,
+    set_base_gemm,
 )
 
 # Relative-error tolerances (‖out − ref‖ / ‖ref‖) against an fp64 reference on the same inputs.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(params=BASE_GEMMS)
+def base_gemm(request):
+    """Run a test with each way of computing the frozen base GEMM."""
+    set_base_gemm(request.param)
+    yield request.param
+    set_base_gemm("cublas")
 
 
 def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, lora_dtype=torch.float32, seed=0):
@@ -63,7 +73,7 @@ def assert_close(outs, refs, tol):
 @pytest.mark.parametrize("r", [1, 4, 16, 33, 64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_matches_fp64_reference(dtype, r, bias, p):
+def test_matches_fp64_reference(dtype, r, bias, p, base_gemm):
     x, w, b, a, bb = make_inputs((19,), 45, 37, r, dtype, bias=bias, seed=r)
     outs, refs = run_both(x, w, b, a, bb, scaling=2.0 / r, p=p)
     assert_close(outs, refs, TOL[dtype])
@@ -83,14 +93,14 @@ def test_random_shapes(m, k, n, r, p):
     assert_close(outs, refs, TOL[torch.float32])
 
 
-def test_3d_input_and_rank_256():
+def test_3d_input_and_rank_256(base_gemm):
     x, w, b, a, bb = make_inputs((2, 5), 40, 24, 256, torch.float32)
     outs, refs = run_both(x, w, b, a, bb, scaling=1 / 16, p=0.2)
     assert outs[0].shape == (2, 5, 24)
     assert_close(outs, refs, TOL[torch.float32])
 
 
-def test_non_contiguous_x():
+def test_non_contiguous_x(base_gemm):
     """A sliced view (row stride > k) and a column-major x both run without a copy of x."""
     _, w, b, a, bb = make_inputs((1,), 24, 17, 8, torch.float32)
     sliced = torch.randn(40, 31)[:, 3:27]
@@ -196,7 +206,7 @@ def _poison_cache(nbytes=1 << 30):
     ],
 )
 @pytest.mark.parametrize("p", [0.0, 0.05])
-def test_gpu_against_fp64(dtype, shape, p):
+def test_gpu_against_fp64(dtype, shape, p, base_gemm):
     lead, k, n, r = shape
     x, w, b, a, bb = make_inputs(lead, k, n, r, dtype, device="cuda", lora_dtype=dtype, seed=k + n)
     _poison_cache()
