@@ -1,0 +1,64 @@
+"""Host-side (Python) profile of lora_linear fwd+bwd at a small shape, where the host bounds the step.
+`python benchmarks/profile_host.py`"""
+
+import cProfile
+import pstats
+import time
+
+import torch
+
+from lora_engine.kernels import lora_linear as K
+from lora_engine.ops import lora_linear
+
+
+def host_us(fn, n=100):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    out = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return out
+
+
+def main():
+    m = k = n = 2048
+    r = 16
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    xa = K.lora_down(x.detach(), a.detach(), 1.0, x.dtype)
+    g = torch.randn(m, r, device="cuda", dtype=torch.float32)
+
+    def step():
+        x.grad = a.grad = b.grad = None
+        lora_linear(x, w, None, a, b, 2.0, 0.0).backward(dy)
+
+    with torch.no_grad():
+        pieces = {
+            "zeros": lambda: torch.zeros(m, r, device="cuda"),
+            "lora_dy": lambda: K.lora_dy(dy, b, xa, 2.0),
+            "gemm K=0 (g fp32)": lambda: K.gemm_lora(dy[:, :0], w.t()[:, :0], None, g, a.t(), 2.0, x.dtype),
+            "lora_grad_a": lambda: K.lora_grad_a(g, x, 2.0),
+            "num_sms": lambda: K._num_sms(x.device),
+            "fwd+bwd": step,
+        }
+        for name, fn in pieces.items():
+            if name == "fwd+bwd":
+                continue
+            print(f"host {name:>20}: {host_us(fn):8.1f} us")
+    print(f"host {'fwd+bwd':>20}: {host_us(step):8.1f} us")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()
