@@ -40,9 +40,10 @@ def main():
     with torch.no_grad():
         pieces = {
             "zeros": lambda: torch.zeros(m, r, device="cuda"),
-            "lora_dy": lambda: K.lora_dy(dy, b, xa, 2.0),
+            "lora_dy": lambda: K.lora_dy(dy, b, xa, 1.0, 2.0, torch.zeros(m, r, device="cuda"),
+                                         torch.zeros(n, r, device="cuda")),
             "gemm K=0 (g fp32)": lambda: K.gemm_lora(dy[:, :0], w.t()[:, :0], None, g, a.t(), 2.0, x.dtype),
-            "lora_grad_a": lambda: K.lora_grad_a(g, x, 2.0),
+            "lora_grad_a": lambda: K.lora_grad_a(g, x, 1.0, torch.zeros(r, k, device="cuda")),
             "num_sms": lambda: K._num_sms(x.device),
             "fwd+bwd": step,
         }

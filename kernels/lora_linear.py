@@ -14,6 +14,7 @@ Reductions across programs (dB, db, g when N is split, dA when M is split) go th
 `atomic_add` into zeroed buffers; the launchers return those fp32 buffers.
 """
 
+import functools
 import os
 
 import torch
@@ -191,11 +192,11 @@ def _lora_dy_kernel(
     dy_ptr, b_ptr, xa_ptr, g_ptr, db_ptr, dbias_ptr,
     M, N, R, n_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar,
-    scale,
+    scale, g_scale,
     HAS_BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """From one read of dy[M, N]: g[M, R] += dy·b, db[N, R] += scale·dyᵀ·xa, dbias[N] += Σ_m dy (fp32)."""
+    """From one read of dy[M, N]: g[M, R] += g_scale·dy·b, db[N, R] += scale·dyᵀ·xa, dbias[N] += Σ_m dy (fp32)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -226,7 +227,7 @@ def _lora_dy_kernel(
                       mask=n_ok[:, None] & mask_r[None, :], sem="relaxed")
         if HAS_BIAS_GRAD:
             tl.atomic_add(dbias_ptr + ns, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok, sem="relaxed")
-    tl.atomic_add(g_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], g,
+    tl.atomic_add(g_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], g * g_scale,
                   mask=mask_m[:, None] & mask_r[None, :], sem="relaxed")
 
 
@@ -284,6 +285,7 @@ def _upcast(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -342,14 +344,11 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0):
     return out
 
 
-def lora_dy(dy, lora_b, xa, scale, *, bias_grad=False):
-    """From dy (M, N), lora_b (N, R), xa (M, R): g = dy·lora_b (M, R), db = scale·dyᵀ·xa (N, R),
-    dbias = Σ_m dy (N,) or None; all fp32."""
+def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
+    """From dy (M, N), lora_b (N, R), xa (M, R), accumulate into zeroed fp32 buffers:
+    g (M, R) += g_scale·dy·lora_b, db (N, R) += scale·dyᵀ·xa, dbias (N,) += Σ_m dy (when given)."""
     M, N = dy.shape
     R = lora_b.shape[1]
-    g = torch.zeros((M, R), device=dy.device, dtype=torch.float32)
-    db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
-    dbias = torch.zeros((N,), device=dy.device, dtype=torch.float32) if bias_grad else g
     r_pad = _rank_pad(R)
     block_m = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
     block_n = 32 if _INTERPRET else 64
@@ -359,22 +358,20 @@ def lora_dy(dy, lora_b, xa, scale, *, bias_grad=False):
     n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     splits = triton.cdiv(N, n_per_split)
     _lora_dy_kernel[(m_blocks, splits)](
-        dy, lora_b, xa, g, db, dbias,
+        dy, lora_b, xa, g, db, dbias if dbias is not None else db,
         M, N, R, n_per_split,
         dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1),
-        float(scale),
-        HAS_BIAS_GRAD=bias_grad, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+        float(scale), float(g_scale),
+        HAS_BIAS_GRAD=dbias is not None, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=4 if r_pad <= 64 else 8, num_stages=3,
     )
-    return g, db, (dbias if bias_grad else None)
 
 
-def lora_grad_a(g, x, scale, *, mask_seed=None, threshold=0):
-    """da = scale · gᵀ · (mask ⊙ x): g (M, R), x (M, K) -> (R, K) fp32."""
+def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0):
+    """da (R, K) += scale · gᵀ · (mask ⊙ x) into a zeroed fp32 buffer: g (M, R), x (M, K)."""
     M, K = x.shape
     R = g.shape[1]
-    da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
     r_pad = _rank_pad(R)
     block_k = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
     block_m = 32 if _INTERPRET else 64
@@ -390,4 +387,3 @@ def lora_grad_a(g, x, scale, *, mask_seed=None, threshold=0):
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=4 if r_pad <= 64 else 8, num_stages=3,
     )
-    return da

@@ -152,8 +152,8 @@ def lora_linear_reference(
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Fused LoRA linear. Saves x (as given, no copy) and xa = dropout(x)·Aᵀ of shape (M, r);
-    the dropout mask is regenerated in backward from its seed."""
+    """Fused LoRA linear. Saves x (as given, no copy) and xa = scaling · dropout(x)·Aᵀ of shape
+    (M, r); the dropout mask is regenerated in backward from its seed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -162,18 +162,19 @@ class LoRALinearFunction(torch.autograd.Function):
         in_f = x.shape[-1]
         out_f = weight.shape[0]
         x2 = x.reshape(-1, in_f)
-        a = lora_a.to(x.dtype)
-        b = lora_b.to(x.dtype)
+        a = lora_a if lora_a.dtype == x.dtype else lora_a.to(x.dtype)
+        b = lora_b if lora_b.dtype == x.dtype else lora_b.to(x.dtype)
         threshold = K.dropout_threshold(dropout_p) if seed is not None else 0
         keep_scale = 1.0 / (1.0 - dropout_p) if seed is not None else 1.0
-        xa = K.lora_down(x2, a, keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
+        # scaling is folded into xa (and into g in backward): no separate pass applies it.
+        xa = K.lora_down(x2, a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
         if _base_gemm == "cublas":
-            y = K.gemm_lora(x2[:, :0], weight[:, :0], bias, xa, b, scaling, x.dtype)
+            y = torch.addmm(bias, xa, b.t()) if bias is not None else xa @ b.t()
             y.addmm_(x2, weight.t())
         else:
-            y = K.gemm_lora(x2, weight, bias, xa, b, scaling, x.dtype)
+            y = K.gemm_lora(x2, weight, bias, xa, b, 1.0, x.dtype)
         ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.meta = (x.shape, scaling, dropout_p, seed, threshold, keep_scale, lora_a.dtype, lora_b.dtype)
+        ctx.meta = (x.shape, scaling * keep_scale, seed, threshold, lora_a.dtype, lora_b.dtype)
         return y.reshape(*x.shape[:-1], out_f)
 
     @staticmethod
@@ -181,25 +182,33 @@ class LoRALinearFunction(torch.autograd.Function):
         from lora_engine.kernels import lora_linear as K
 
         x2, xa, weight, a, b = ctx.saved_tensors
-        x_shape, scaling, dropout_p, seed, threshold, keep_scale, a_dtype, b_dtype = ctx.meta
+        x_shape, g_scale, seed, threshold, a_dtype, b_dtype = ctx.meta
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
         if dy2.dtype != x2.dtype:
             dy2 = dy2.to(x2.dtype)
-        g, db, dbias = K.lora_dy(dy2, b, xa, scaling, bias_grad=need_bias)
-        dx = da = None
+        (M, K_in), N, R = x2.shape, dy2.shape[1], a.shape[0]
+        # One zeroed fp32 workspace for every atomically reduced result: g, dB, dA, dbias.
+        ws = torch.zeros(M * R + N * R + R * K_in + (N if need_bias else 0), device=dy.device, dtype=torch.float32)
+        g = ws[: M * R].view(M, R)
+        db = ws[M * R : M * R + N * R].view(N, R)
+        da = ws[M * R + N * R : M * R + N * R + R * K_in].view(R, K_in)
+        dbias = ws[M * R + N * R + R * K_in :] if need_bias else None
+        # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
+        K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
+        dx = None
         if need_x:
-            # dx = dy·W + s·mask ⊙ (g·A): W read as (in, out) and A as (in, r) through strides.
-            main_a, main_b = (dy2[:, :0], weight.t()[:, :0]) if _base_gemm == "cublas" else (dy2, weight.t())
-            dx = K.gemm_lora(main_a, main_b, None, g, a.t(), scaling * keep_scale, x2.dtype,
-                             mask_seed=seed, threshold=threshold)
-            if _base_gemm == "cublas":
+            # dx = dy·W + mask ⊙ (g·A): W read as (in, out) and A as (in, r) through strides.
+            cublas = _base_gemm == "cublas"
+            main_a, main_b = (dy2[:, :0], weight.t()[:, :0]) if cublas else (dy2, weight.t())
+            dx = K.gemm_lora(main_a, main_b, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold)
+            if cublas:
                 dx.addmm_(dy2, weight)
             dx = dx.reshape(x_shape)
         if need_a:
-            da = K.lora_grad_a(g, x2, scaling * keep_scale, mask_seed=seed, threshold=threshold)
-            da = da.to(a_dtype)
-        db = db.to(b_dtype) if need_b else None
+            K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold)
+        da = (da if a_dtype == torch.float32 else da.to(a_dtype)) if need_a else None
+        db = (db if b_dtype == torch.float32 else db.to(b_dtype)) if need_b else None
         if dbias is not None:
             dbias = dbias.to(x2.dtype)
         return dx, None, dbias, da, db, None, None, None
