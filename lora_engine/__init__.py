@@ -1,6 +1,20 @@
 """lora-engine: kernel-accelerated LoRA fine-tuning for Hugging Face transformers."""
 
+from lora_engine.adapters import load_adapter, merge, save_adapter, unmerge
+from lora_engine.layers import LoRALinear
 from lora_engine.ops import lora_linear, lora_linear_reference
+from lora_engine.patch import (
+    disable_adapters,
+    lora_parameters,
+    lora_state_dict,
+    patch_model,
+    set_adapter,
+    unpatch_model,
+)
 
 __all__ = ["lora_linear", "lora_linear_reference"]
+__all__ += [
+    "LoRALinear", "patch_model", "unpatch_model", "lora_parameters", "lora_state_dict", "set_adapter",
+    "disable_adapters", "save_adapter", "load_adapter", "merge", "unmerge",
+]
 __version__ = "0.1.0"
