@@ -3,6 +3,7 @@
 from lora_engine.adapters import load_adapter, merge, save_adapter, unmerge
 from lora_engine.layers import LoRALinear
 from lora_engine.ops import lora_linear, lora_linear_reference
+from lora_engine.optim import AdamW8bit
 from lora_engine.patch import (
     disable_adapters,
     lora_parameters,
@@ -12,7 +13,7 @@ from lora_engine.patch import (
     unpatch_model,
 )
 
-__all__ = ["lora_linear", "lora_linear_reference"]
+__all__ = ["lora_linear", "lora_linear_reference", "AdamW8bit"]
 __all__ += [
     "LoRALinear", "patch_model", "unpatch_model", "lora_parameters", "lora_state_dict", "set_adapter",
     "disable_adapters", "save_adapter", "load_adapter", "merge", "unmerge",

@@ -1,0 +1,306 @@
+"""Triton kernels of the AdamW step over block-wise 8-bit states, and their launchers.
+
+One launch updates every tensor of a launch group (same param group, device, param/grad dtype and
+state kind), whatever their number and sizes. The group is described by a pointer table:
+
+    table     int64 (n_tensors, NCOLS): per tensor the addresses of param, grad, state1, state2,
+              absmax1, absmax2 and step, then numel, its first program id and its seed index
+    programs  int32 (n_programs,): the table row each program works on
+    scalars   fp32 (n_tensors, 2): step_size and sqrt(bias_correction2) of this step, per tensor
+
+Each program owns `BLOCKS` consecutive quantization blocks of `BLOCK` elements of one tensor, so a
+block's absmax never leaves the program. Per element the update kernel reads param, grad, two
+state bytes and writes param and two state bytes; nothing else is read from memory but the
+per-block absmax and three small tables (the 256-entry map, its 256 midpoints and a 64 K-entry
+uint8 index, all L1/L2 resident).
+
+State kinds (QUANTIZED):
+- True:  state1/state2 uint8 (numel,): codes of m in the signed dynamic map and of v in the
+         unsigned one; absmax1/absmax2 fp32 (ceil(numel / BLOCK),): the scale of each block.
+- False: state1/state2 fp32 (numel,): m and v themselves (tensors too small to be worth 8 bits).
+
+Nearest code: for fp32 x, the code is the number of map midpoints below x (ties go to the lower
+code). The 16 high bits of an order-preserving integer key of x select a bucket that holds at most
+one midpoint (checked when the table is built), and `lut[bucket]` is the number of midpoints
+below the bucket, so code = lut[bucket] + (x > mid[lut[bucket]]): two table loads, exact.
+
+Skipping: `flag` (int32, 1 element) is set by `nonfinite_check_` when a gradient holds inf/NaN;
+every later kernel of the step reads it first and does nothing, so a skipped step needs no host
+sync and changes no param, state or step count.
+
+Bias correction is computed once per tensor per step (`_advance_steps_kernel`) in fp64 from the
+fp32-rounded hyperparameters, by square-and-multiply: the torch reference repeats it exactly.
+"""
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# Columns of the pointer table.
+COL_PARAM = tl.constexpr(0)
+COL_GRAD = tl.constexpr(1)
+COL_STATE1 = tl.constexpr(2)
+COL_STATE2 = tl.constexpr(3)
+COL_ABSMAX1 = tl.constexpr(4)
+COL_ABSMAX2 = tl.constexpr(5)
+COL_STEP = tl.constexpr(6)
+COL_NUMEL = tl.constexpr(7)
+COL_FIRST_PROG = tl.constexpr(8)
+COL_SEED = tl.constexpr(9)
+NCOLS = tl.constexpr(10)
+
+# Elements a program updates (a whole number of quantization blocks) and its warps. 2048 elements
+# over 8 warps is 8 per thread: 16-byte loads for 16-bit params, few registers for the tables.
+CHUNK = 2048
+NUM_WARPS = 8
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers.
+
+
+@triton.jit
+def _mix32(x):
+    """A 32-bit integer hash (lowbias32): uint32 -> uint32, well mixed in every bit."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _nearest_code(x, mid_ptr, lut_ptr):
+    """uint8 index of the map entry nearest to fp32 x (ties to the lower entry)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    # Order-preserving key: negative floats reversed below the positive ones.
+    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    lo = tl.load(lut_ptr + (key >> 16).to(tl.int32)).to(tl.int32)
+    mid = tl.load(mid_ptr + lo)
+    return (lo + (x > mid).to(tl.int32)).to(tl.uint8)
+
+
+@triton.jit
+def _pow_f64(base, e):
+    """base**e for fp64 base and int32 e >= 0, by square-and-multiply."""
+    acc = tl.full((), 1.0, tl.float64)
+    while e > 0:
+        if (e & 1) != 0:
+            acc = acc * base
+        base = base * base
+        e = e >> 1
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels.
+
+
+@triton.jit
+def _nonfinite_kernel(table_ptr, prog_ptr, flag_ptr,
+                      G_DTYPE: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """flag = 1 when any gradient element of this program's chunk is inf or NaN."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(prog_ptr + pid).to(tl.int64) * NCOLS
+    numel = tl.load(row + COL_NUMEL)
+    chunk = pid - tl.load(row + COL_FIRST_PROG)
+    offs = (chunk * BLOCKS + tl.arange(0, BLOCKS))[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    g_ptr = tl.load(row + COL_GRAD).to(tl.pointer_type(G_DTYPE))
+    g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    # NaN fails every comparison, inf fails this one.
+    n_bad = tl.sum(tl.sum((~(tl.abs(g) <= 3.4028234663852886e38)).to(tl.int32), axis=1), axis=0)
+    if n_bad > 0:
+        tl.store(flag_ptr, 1)
+
+
+@triton.jit
+def _advance_steps_kernel(table_ptr, scal_ptr, flag_ptr, lr, beta1, beta2):
+    """Unless the step is skipped: step += 1 and scalars[i] = (lr / bc1, sqrt(bc2)) of tensor i."""
+    if tl.load(flag_ptr) == 0:
+        i = tl.program_id(0)
+        step_ptr = tl.load(table_ptr + i * NCOLS + COL_STEP).to(tl.pointer_type(tl.float32))
+        t = tl.load(step_ptr) + 1.0
+        tl.store(step_ptr, t)
+        e = t.to(tl.int32)
+        # fp64: 1 - beta2**t cancels badly in fp32 for small t.
+        bc1 = 1.0 - _pow_f64(tl.cast(beta1, tl.float64), e)
+        bc2 = 1.0 - _pow_f64(tl.cast(beta2, tl.float64), e)
+        tl.store(scal_ptr + 2 * i, (tl.cast(lr, tl.float64) / bc1).to(tl.float32))
+        tl.store(scal_ptr + 2 * i + 1, tl.sqrt(bc2).to(tl.float32))
+
+
+@triton.jit
+def _adamw_kernel(
+    table_ptr, prog_ptr, scal_ptr, flag_ptr,
+    map1_ptr, mid1_ptr, lut1_ptr, map2_ptr, mid2_ptr, lut2_ptr,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One AdamW step of BLOCKS·BLOCK elements of one tensor: dequantize, update, requantize."""
+    if tl.load(flag_ptr) == 0:
+        pid = tl.program_id(0)
+        t_idx = tl.load(prog_ptr + pid).to(tl.int64)
+        row = table_ptr + t_idx * NCOLS
+        numel = tl.load(row + COL_NUMEL)
+        chunk = pid - tl.load(row + COL_FIRST_PROG)
+        blk = chunk * BLOCKS + tl.arange(0, BLOCKS)
+        offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = offs < numel
+        step_size = tl.load(scal_ptr + 2 * t_idx)
+        sqrt_bc2 = tl.load(scal_ptr + 2 * t_idx + 1)
+
+        p_ptr = tl.load(row + COL_PARAM).to(tl.pointer_type(P_DTYPE))
+        g_ptr = tl.load(row + COL_GRAD).to(tl.pointer_type(G_DTYPE))
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if QUANTIZED:
+            s1_ptr = tl.load(row + COL_STATE1).to(tl.pointer_type(tl.uint8))
+            s2_ptr = tl.load(row + COL_STATE2).to(tl.pointer_type(tl.uint8))
+            a1_ptr = tl.load(row + COL_ABSMAX1).to(tl.pointer_type(tl.float32))
+            a2_ptr = tl.load(row + COL_ABSMAX2).to(tl.pointer_type(tl.float32))
+            blk_ok = blk * BLOCK < numel
+            c1 = tl.load(s1_ptr + offs, mask=mask, other=0).to(tl.int32)
+            c2 = tl.load(s2_ptr + offs, mask=mask, other=0).to(tl.int32)
+            a1 = tl.load(a1_ptr + blk, mask=blk_ok, other=0.0)
+            a2 = tl.load(a2_ptr + blk, mask=blk_ok, other=0.0)
+            # Lanes past the end hold 0 (g is 0 there too), so they do not count in the new absmax.
+            m = tl.where(mask, tl.load(map1_ptr + c1) * a1[:, None], 0.0)
+            v = tl.where(mask, tl.load(map2_ptr + c2) * a2[:, None], 0.0)
+        else:
+            s1_ptr = tl.load(row + COL_STATE1).to(tl.pointer_type(tl.float32))
+            s2_ptr = tl.load(row + COL_STATE2).to(tl.pointer_type(tl.float32))
+            m = tl.load(s1_ptr + offs, mask=mask, other=0.0)
+            v = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+
+        # The torch reference performs these same fp32 operations in this order.
+        m = m * beta1 + g * one_minus_beta1
+        v = v * beta2 + (g * g) * one_minus_beta2
+        p = p * decay
+        denom = tl.sqrt(v) / sqrt_bc2 + eps
+        p = p - step_size * (m / denom)
+
+        if QUANTIZED:
+            n1 = tl.max(tl.abs(m), axis=1)
+            n2 = tl.max(v, axis=1)
+            one = tl.full((BLOCKS,), 1.0, tl.float32)
+            inv1 = tl.where(n1 > 0, tl.math.div_rn(one, tl.where(n1 > 0, n1, 1.0)), 0.0)
+            inv2 = tl.where(n2 > 0, tl.math.div_rn(one, tl.where(n2 > 0, n2, 1.0)), 0.0)
+            tl.store(s1_ptr + offs, _nearest_code(m * inv1[:, None], mid1_ptr, lut1_ptr), mask=mask)
+            tl.store(s2_ptr + offs, _nearest_code(v * inv2[:, None], mid2_ptr, lut2_ptr), mask=mask)
+            tl.store(a1_ptr + blk, n1, mask=blk_ok)
+            tl.store(a2_ptr + blk, n2, mask=blk_ok)
+        else:
+            tl.store(s1_ptr + offs, m, mask=mask)
+            tl.store(s2_ptr + offs, v, mask=mask)
+
+        if P_DTYPE == tl.bfloat16:
+            # Round to bf16 on the bits (the interpreter's own cast truncates): add 16 bits below
+            # bf16's last bit (random ones, or half an ulp and the tie-to-even bit), truncate.
+            bits = p.to(tl.uint32, bitcast=True)
+            if STOCHASTIC:
+                step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))
+                t = tl.load(step_ptr).to(tl.uint32)
+                seed = tl.load(row + COL_SEED).to(tl.uint32)
+                r = _mix32(offs.to(tl.uint32) ^ _mix32(seed * 0x9E3779B9 + t))
+                bits = bits + (r & 0xFFFF)
+            else:
+                bits = bits + (0x7FFF + ((bits >> 16) & 1))
+            p = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers.
+
+
+def _f32(x: float) -> float:
+    # Scalars reach compiled kernels as fp32 but the interpreter as Python floats: round here.
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class LaunchTable:
+    """The device-side description of one launch group (see the module docstring).
+
+    Built once per set of tensor addresses; `quantized` says which state kind the rows hold.
+    """
+
+    def __init__(self, table, programs, scalars, n_programs, blocks, block, quantized):
+        self.table = table
+        self.programs = programs
+        self.scalars = scalars
+        self.n_programs = n_programs
+        self.n_tensors = table.shape[0]
+        self.blocks = blocks
+        self.block = block
+        self.quantized = quantized
+
+
+def chunk_blocks(block_size: int) -> int:
+    """Quantization blocks per program for a block size (a power of two)."""
+    return max(1, CHUNK // block_size)
+
+
+def make_table(params, grads, states1, states2, absmax1, absmax2, steps, seeds, block_size, device,
+               programs=None):
+    """LaunchTable for tensors given as equal-length lists (absmax1/absmax2 None for fp32 states).
+
+    params: contiguous, any of fp32/bf16/fp16 (one dtype per table); grads: contiguous, like params;
+    states1/states2: uint8 or fp32 (numel,); absmax*: fp32 (ceil(numel / block_size),);
+    steps: fp32 0-dim; seeds: ints (stochastic-rounding stream of each tensor).
+    `programs` may pass back a previous table's program map when the numels are unchanged.
+    """
+    blocks = chunk_blocks(block_size)
+    chunk = blocks * block_size
+    rows, first, counts = [], 0, []
+    quantized = absmax1 is not None
+    for i, p in enumerate(params):
+        n = p.numel()
+        n_prog = triton.cdiv(n, chunk)
+        rows.append([
+            p.data_ptr(), grads[i].data_ptr(), states1[i].data_ptr(), states2[i].data_ptr(),
+            absmax1[i].data_ptr() if quantized else 0, absmax2[i].data_ptr() if quantized else 0,
+            steps[i].data_ptr(), n, first, seeds[i],
+        ])
+        counts.append(n_prog)
+        first += n_prog
+    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    if programs is None or programs.numel() != first:
+        programs = torch.repeat_interleave(
+            torch.arange(len(rows), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64)
+        ).to(device, non_blocking=True)
+    scalars = torch.zeros((len(rows), 2), dtype=torch.float32, device=device)
+    return LaunchTable(table, programs, scalars, first, blocks, block_size, quantized)
+
+
+def nonfinite_check_(tab: LaunchTable, grad_dtype: torch.dtype, flag: torch.Tensor) -> None:
+    """Sets flag (int32, (1,)) to 1 if any gradient of the table holds inf or NaN; never clears it."""
+    _nonfinite_kernel[(tab.n_programs,)](
+        tab.table, tab.programs, flag,
+        G_DTYPE=_TL_DTYPE[grad_dtype], BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=NUM_WARPS,
+    )
+
+
+def adamw_step_(tab: LaunchTable, flag, maps, *, lr, beta1, beta2, eps, weight_decay,
+                param_dtype, grad_dtype, stochastic_rounding=False, num_warps=None):
+    """One AdamW step, in place, of every tensor of the table, unless flag (int32, (1,)) is set.
+
+    maps: (map1, mid1, lut1, map2, mid2, lut2) on the device: fp32 (256,), fp32 (256,),
+    uint8 (65536,) for the signed (first moment) and the unsigned (second moment) map; unused
+    when the table holds fp32 states. Hyperparameters are rounded to fp32 on the way in.
+    """
+    _advance_steps_kernel[(tab.n_tensors,)](
+        tab.table, tab.scalars, flag, _f32(lr), _f32(beta1), _f32(beta2), num_warps=1,
+    )
+    _adamw_kernel[(tab.n_programs,)](
+        tab.table, tab.programs, tab.scalars, flag, *maps,
+        _f32(beta1), _f32(beta2), _f32(1.0 - beta1), _f32(1.0 - beta2), _f32(eps),
+        _f32(1.0 - lr * weight_decay),
+        P_DTYPE=_TL_DTYPE[param_dtype], G_DTYPE=_TL_DTYPE[grad_dtype], QUANTIZED=tab.quantized,
+        STOCHASTIC=bool(stochastic_rounding) and param_dtype == torch.bfloat16,
+        BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=num_warps or NUM_WARPS,
+    )
