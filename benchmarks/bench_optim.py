@@ -142,7 +142,7 @@ def main():
     default = (K.CHUNK, K.NUM_WARPS)
     opt = AdamW8bit(params, lr=1e-4)
     bpp = None
-    for chunk, warps in [default, (4096, 8), (2048, 4), (1024, 4), (4096, 16)]:
+    for chunk, warps in [default, (2048, 8), (2048, 4), (512, 4), (1024, 2)]:
         K.CHUNK, K.NUM_WARPS = chunk, warps
         opt._tables.clear()
         ms = time_step(opt, args.rep_ms)
