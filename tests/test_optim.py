@@ -312,12 +312,18 @@ def test_gpu_kernel_matches_reference(dtype, stochastic):
         opt.step()
         opts.append(opt)
         outs.append(ps)
-    for pk, pr in zip(*outs):
-        # Within rounding: at most one ulp of the param dtype apart, and rarely apart at all.
-        ulp = torch.finfo(dtype).eps * torch.maximum(pk.abs(), pr.abs()).float()
+    for pk, pr, p0 in zip(*outs, base):
+        # Within rounding: one ulp of the param, plus (fp32 params) a few ulp of the update itself:
+        # the GPU contracts a·b + c into FMAs, the reference does not, and where |p| is tiny an
+        # update-level difference is many ulp of p. 16-bit params must also be rarely apart at all.
+        eps = torch.finfo(dtype).eps
+        ulp = eps * torch.maximum(pk.abs(), pr.abs()).float()
+        if dtype == torch.float32:
+            ulp = ulp + 8 * eps * (pr.float() - p0.float()).abs()
         diff = (pk.float() - pr.float()).abs()
         assert bool((diff <= ulp + 1e-30).all()), (pk.shape, (diff / ulp).max().item())
-        assert (diff > 0).float().mean().item() < 1e-2, pk.shape
+        if dtype != torch.float32:
+            assert (diff > 0).float().mean().item() < 1e-2, pk.shape
         sk, sr = opts[0].state[pk], opts[1].state[pr]
         assert sk["step"].item() == sr["step"].item() == 6
         if "state1" in sk:
