@@ -3,8 +3,9 @@
 Forward:  xa = dropout(x) Aᵀ                       (lora_down)
           y  = x Wᵀ + b + s · xa Bᵀ                 (gemm_lora: the LoRA term is the GEMM's epilogue)
 Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of dy)
-          dx = dy W + s · mask ⊙ (g A)              (gemm_lora again, dropout mask in the epilogue)
           dA = s · gᵀ dropout(x)                    (lora_grad_a: one read of x)
+          dx = dy W + s · mask ⊙ (g A)              (the LoRA term from lora_grad_a's tiles, then
+                                                     cuBLAS adds dy W onto it; or gemm_lora fused)
 
 The dropout mask is Philox (`tl.randint`) keyed by a seed and the flat index m·K + k of the
 element of x, so backward regenerates it instead of storing it. `keep = (bits >> 8) >= threshold`
@@ -233,14 +234,15 @@ def _lora_dy_kernel(
 
 @triton.jit
 def _lora_grad_a_kernel(
-    g_ptr, x_ptr, da_ptr,
+    g_ptr, x_ptr, da_ptr, a_ptr, dx_ptr,
     M, K, R, m_per_split,
-    stride_gm, stride_gr, stride_xm, stride_xk,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
     scale, seed, threshold,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_DX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """da[R, K] += scale · g[M, R]ᵀ · (mask ⊙ x[M, K]) over this program's slice of M (fp32)."""
+    """da[R, K] += scale · g[M, R]ᵀ · (mask ⊙ x[M, K]) over this program's slice of M (fp32), and,
+    with HAS_DX, dx[M, K] = scale · mask ⊙ (g · a[R, K]) from the same tiles and the same mask."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -248,6 +250,11 @@ def _lora_grad_a_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     mask_k = offs_k < K
     mask_r = offs_r < R
+    if HAS_DX:
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     m_start = pid_s * m_per_split
     m_end = min(m_start + m_per_split, M)
@@ -257,7 +264,8 @@ def _lora_grad_a_kernel(
         x = tl.load(x_ptr + ms.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep_mask(seed, ms, pid_k * BLOCK_K, BLOCK_K, K, threshold), x, 0.0)
+            keep = _keep_mask(seed, ms, pid_k * BLOCK_K, BLOCK_K, K, threshold)
+            x = tl.where(keep, x, 0.0)
         g = tl.load(g_ptr + ms.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                     mask=m_ok[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:
@@ -266,6 +274,12 @@ def _lora_grad_a_kernel(
         else:
             g = g.to(x.dtype)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+        if HAS_DX:
+            dx = tl.dot(g, a, input_precision=PRECISION) * scale
+            if HAS_DROPOUT:
+                dx = tl.where(keep, dx, 0.0)
+            tl.store(dx_ptr + ms.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                     dx.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & mask_k[None, :])
     tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], acc * scale,
                   mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
 
@@ -331,8 +345,12 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0):
     R = lora_a.shape[0]
     out = torch.empty((M, R), device=x.device, dtype=out_dtype)
     r_pad = _rank_pad(R)
-    block_m = 32 if _INTERPRET else (64 if r_pad <= 64 else 32)
-    block_k = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
+    if _INTERPRET:
+        block_m, block_k = 32, 32
+    else:
+        # A bandwidth-bound read of x: enough row blocks to cover the GPU about twice.
+        block_m = 64 if (r_pad <= 64 and triton.cdiv(M, 64) >= 2 * _num_sms(x.device)) else 32
+        block_k = 128 if r_pad <= 64 else 64
     _lora_down_kernel[(triton.cdiv(M, block_m),)](
         x, lora_a, out, M, K, R,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
@@ -368,10 +386,12 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
     )
 
 
-def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0):
-    """da (R, K) += scale · gᵀ · (mask ⊙ x) into a zeroed fp32 buffer: g (M, R), x (M, K)."""
+def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx=None):
+    """da (R, K) += scale · gᵀ · (mask ⊙ x) into a zeroed fp32 buffer: g (M, R), x (M, K).
+    With lora_a (R, K) and dx (M, K) given, also writes dx = scale · mask ⊙ (g · lora_a)."""
     M, K = x.shape
     R = g.shape[1]
+    has_dx = dx is not None
     r_pad = _rank_pad(R)
     block_k = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
     block_m = 32 if _INTERPRET else 64
@@ -379,11 +399,14 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0):
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _num_sms(x.device), k_blocks)))
     m_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, m_per_split)
+    a_ = lora_a if has_dx else x
+    dx_ = dx if has_dx else x
     _lora_grad_a_kernel[(k_blocks, splits)](
-        g, x, da, M, K, R, m_per_split,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+        g, x, da, a_, dx_, M, K, R, m_per_split,
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), a_.stride(0), a_.stride(1),
+        dx_.stride(0), dx_.stride(1),
         float(scale), mask_seed if mask_seed is not None else 0, threshold,
-        HAS_DROPOUT=mask_seed is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        HAS_DROPOUT=mask_seed is not None, HAS_DX=has_dx, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=4 if r_pad <= 64 else 8, num_stages=3,
     )

@@ -197,16 +197,22 @@ class LoRALinearFunction(torch.autograd.Function):
         # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
-        if need_x:
-            # dx = dy·W + mask ⊙ (g·A): W read as (in, out) and A as (in, r) through strides.
-            cublas = _base_gemm == "cublas"
-            main_a, main_b = (dy2[:, :0], weight.t()[:, :0]) if cublas else (dy2, weight.t())
-            dx = K.gemm_lora(main_a, main_b, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold)
-            if cublas:
+        if _base_gemm == "cublas":
+            # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.
+            if need_x:
+                dx = torch.empty((M, K_in), device=dy.device, dtype=x2.dtype)
+            if need_x or need_a:
+                K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, lora_a=a, dx=dx)
+            if need_x:
                 dx.addmm_(dy2, weight)
-            dx = dx.reshape(x_shape)
-        if need_a:
-            K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold)
+                dx = dx.reshape(x_shape)
+        else:
+            if need_x:
+                # dx = dy·W + mask ⊙ (g·A) in one GEMM: W read as (in, out) and A as (in, r) via strides.
+                dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold)
+                dx = dx.reshape(x_shape)
+            if need_a:
+                K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold)
         da = (da if a_dtype == torch.float32 else da.to(a_dtype)) if need_a else None
         db = (db if b_dtype == torch.float32 else db.to(b_dtype)) if need_b else None
         if dbias is not None:
