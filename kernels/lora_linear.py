@@ -7,9 +7,9 @@ Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of d
           dx = dy W + s · mask ⊙ (g A)              (the LoRA term from lora_grad_a's tiles, then
                                                      cuBLAS adds dy W onto it; or gemm_lora fused)
 
-The dropout mask is Philox (`tl.randint`) keyed by a seed and the flat index m·K + k of the
-element of x, so backward regenerates it instead of storing it. `keep = (bits >> 8) >= threshold`
-with `threshold = round(p · 2**24)`: an integer test, reproduced bit-for-bit by the torch reference.
+The dropout mask is Philox (`tl.randint4x`, one call per 8 consecutive elements of a row) keyed by
+a seed and the element's (row, column), so backward regenerates it instead of storing it.
+`keep = bits16 >= round(p · 2**16)`: an integer test, reproduced bit-for-bit by the torch reference.
 
 Reductions across programs (dB, db, g when N is split, dA when M is split) go through fp32
 `atomic_add` into zeroed buffers; the launchers return those fp32 buffers.
@@ -58,16 +58,20 @@ def _gemm_configs():
 def _keep_mask(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len, threshold):
     """Dropout keep-mask for rows offs_m, columns k_start + [0, BLOCK_K) of an (M, row_len) tensor.
 
-    One Philox call (`randint4x`, four 32-bit outputs) covers four consecutive columns: counter
-    m·ceil(row_len/4) + k//4. k_start and BLOCK_K are multiples of 4, so groups never straddle tiles.
+    One Philox call (`randint4x`: four 32-bit outputs, eight 16-bit halves) covers eight consecutive
+    columns: counter m·ceil(row_len/8) + k//8. k_start and BLOCK_K are multiples of 8, so groups
+    never straddle tiles. Element keeps when its 16-bit half >= threshold (= round(p·2¹⁶)).
     """
-    groups = (row_len + 3) // 4
-    offs_g = k_start // 4 + tl.arange(0, BLOCK_K // 4)
+    groups = (row_len + 7) // 8
+    offs_g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
     ctr = offs_m.to(tl.int64)[:, None] * groups + offs_g.to(tl.int64)[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
-    # Interleave to columns 4g + lane; the join nesting maps lanes 0..3 to outputs (r0, r2, r1, r3).
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_m.shape[0], BLOCK_K))
-    return (bits >> 8).to(tl.int32) >= threshold
+    lo, hi = 0xFFFF, 16
+    # Halves h0..h7 = (r0 lo, r0 hi, r1 lo, ...); three levels of join put h[4c + 2b + a] at lane 4a + 2b + c.
+    q0 = tl.join(tl.join(r0 & lo, r0 >> hi), tl.join(r1 & lo, r1 >> hi))
+    q1 = tl.join(tl.join(r2 & lo, r2 >> hi), tl.join(r3 & lo, r3 >> hi))
+    bits = tl.reshape(tl.join(q0, q1), (offs_m.shape[0], BLOCK_K))
+    return bits.to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -307,8 +311,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def dropout_threshold(p: float) -> int:
-    """Integer threshold of the keep test `(bits >> 8) >= threshold` for drop probability p."""
-    return int(round(p * (1 << 24)))
+    """Integer threshold of the keep test `bits16 >= threshold` for drop probability p."""
+    return int(round(p * (1 << 16)))
 
 
 def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0):
@@ -386,15 +390,19 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
     )
 
 
-def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx=None):
+def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx=None, tiles=None):
     """da (R, K) += scale · gᵀ · (mask ⊙ x) into a zeroed fp32 buffer: g (M, R), x (M, K).
-    With lora_a (R, K) and dx (M, K) given, also writes dx = scale · mask ⊙ (g · lora_a)."""
+    With lora_a (R, K) and dx (M, K) given, also writes dx = scale · mask ⊙ (g · lora_a).
+    tiles: optional (BLOCK_M, BLOCK_K, num_warps) override, for benchmarks."""
     M, K = x.shape
     R = g.shape[1]
     has_dx = dx is not None
     r_pad = _rank_pad(R)
     block_k = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
     block_m = 32 if _INTERPRET else 64
+    warps = 4 if r_pad <= 64 else 8
+    if tiles is not None:
+        block_m, block_k, warps = tiles
     k_blocks = triton.cdiv(K, block_k)
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _num_sms(x.device), k_blocks)))
     m_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
@@ -408,5 +416,5 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
         float(scale), mask_seed if mask_seed is not None else 0, threshold,
         HAS_DROPOUT=mask_seed is not None, HAS_DX=has_dx, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=4 if r_pad <= 64 else 8, num_stages=3,
+        num_warps=warps, num_stages=3,
     )

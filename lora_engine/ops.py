@@ -56,16 +56,20 @@ def _philox4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Bool (rows, cols) keep-mask, identical to the one the kernels generate for element (m, k):
-    Philox counter m·ceil(cols/4) + k//4, output (0, 2, 1, 3)[k % 4], keep if (bits >> 8) >= p·2**24."""
+    Philox counter m·ceil(cols/8) + k//8, 16-bit half h[4c+2b+a] of its outputs at lane k%8 = 4a+2b+c
+    (the order tl.join builds), keep if that half >= round(p·2¹⁶)."""
     from lora_engine.kernels.lora_linear import dropout_threshold
 
-    groups = (cols + 3) // 4
+    groups = (cols + 7) // 8
     ctr = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * groups + torch.arange(
         groups, device=device, dtype=torch.int64
     )
     r0, r1, r2, r3 = _philox4x(seed, ctr)
-    bits = torch.stack([r0, r2, r1, r3], dim=-1).reshape(rows, 4 * groups)[:, :cols]
-    return (bits >> 8) >= dropout_threshold(p)
+    j = lambda a, b: torch.stack([a, b], dim=-1)  # tl.join
+    q0 = j(j(r0 & 0xFFFF, r0 >> 16), j(r1 & 0xFFFF, r1 >> 16))
+    q1 = j(j(r2 & 0xFFFF, r2 >> 16), j(r3 & 0xFFFF, r3 >> 16))
+    bits = j(q0, q1).reshape(rows, 8 * groups)[:, :cols]
+    return bits >= dropout_threshold(p)
 
 
 def draw_dropout_seed() -> int:
