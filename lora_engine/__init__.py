@@ -12,10 +12,12 @@ from lora_engine.patch import (
     set_adapter,
     unpatch_model,
 )
+from lora_engine.trainer import TrainConfig, Trainer
 
 __all__ = ["lora_linear", "lora_linear_reference", "AdamW8bit"]
 __all__ += [
     "LoRALinear", "patch_model", "unpatch_model", "lora_parameters", "lora_state_dict", "set_adapter",
     "disable_adapters", "save_adapter", "load_adapter", "merge", "unmerge",
 ]
+__all__ += ["Trainer", "TrainConfig"]
 __version__ = "0.1.0"

@@ -1,0 +1,1046 @@
+"""The training loop: LoRA or full fine-tuning of a Hugging Face model on JSONL data.
+
+    cfg = TrainConfig(model="path/to/model", data="train.jsonl", eval_data="eval.jsonl",
+                      task="classification", output="runs/demo")
+    Trainer(cfg).train()
+
+`Trainer.train` reads top to bottom like nanoGPT's loop: get the step's micro-batches, forward,
+backward, clip, step, log, evaluate, checkpoint. Every option is a small function it calls
+(`freeze_first_layers_`, `param_groups`, `distill_loss`, `lr_factor`, ...), not a subclass.
+
+What `--output DIR` holds after a run:
+
+    metrics.jsonl          one JSON object per event: train rows {step, loss, lr, ...},
+                           eval rows {step, eval_loss, eval_accuracy | eval_perplexity}
+    train_config.yaml      the resolved configuration
+    checkpoint-000120/     the latest checkpoint: adapter (PEFT layout) or full weights, plus
+                           trainer_state.pt (optimizer, scheduler, RNG, step, early-stop state)
+    best-000080/           weights at the best eval so far (the latest checkpoint's best is kept
+                           too, until a newer checkpoint)
+    adapter/ | model/      the final weights (the best eval's when there was an eval, else the last)
+    merged/                with merge=True in LoRA mode: a plain transformers model + tokenizer
+
+Every directory is written under a temporary name and renamed into place, so a crash or Ctrl-C
+never leaves a half-written checkpoint; Ctrl-C checkpoints the last finished step, then exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from lora_engine import data as D
+from lora_engine.adapters import load_adapter, save_adapter
+from lora_engine.optim import AdamW8bit
+from lora_engine.patch import disable_adapters, patch_model, unpatch_model
+
+__all__ = ["TrainConfig", "Trainer", "ConfigError", "OutOfMemory", "load_model", "load_tokenizer", "evaluate"]
+
+MODES = ("lora", "full")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+SCHEDULES = ("cosine", "linear", "constant")
+STATE_FILE = "trainer_state.pt"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which option and what to change."""
+
+
+class OutOfMemory(RuntimeError):
+    """The accelerator ran out of memory; the message says what to lower."""
+
+
+def _opt(default, help: str, group: str, **extra):
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, flat, with its default. Each is also a `lora-engine train` flag
+    (`eval_data` is `--eval-data`) and a key of a `--config` YAML/JSON file."""
+
+    # data
+    model: str = _opt("", "base model: a local Hugging Face model directory", "data", metavar="PATH")
+    data: str = _opt("", "training data, JSONL", "data", metavar="FILE")
+    eval_data: str | None = _opt(None, "held-out data, JSONL (else see --eval-split)", "data", metavar="FILE")
+    eval_split: float = _opt(0.0, "without --eval-data: fraction of --data held out for eval", "data")
+    task: str | None = _opt(
+        None, "causal-lm ({text}), sft ({prompt, completion}: loss on the completion only) or "
+        "classification ({text, label}); default: read from the data's fields", "data",
+        choices=D.TASKS)
+    num_labels: int | None = _opt(None, "classification: number of classes (default: largest label + 1)", "data")
+    max_length: int = _opt(512, "truncate examples to this many tokens (the block size when packing)", "data")
+    pack: bool = _opt(False, "causal-lm: pack texts into full max-length blocks instead of padding", "data")
+    tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)", "data", metavar="PATH")
+    # model and adapter
+    mode: str = _opt("lora", "lora: train low-rank adapters (and a new head); full: train all weights",
+                     "model", choices=MODES)
+    rank: int = _opt(8, "LoRA rank r", "model")
+    alpha: float | None = _opt(None, "LoRA alpha; scaling = alpha / rank (default alpha = 2 * rank)", "model")
+    dropout: float = _opt(0.0, "dropout on the LoRA input", "model")
+    targets: list[str] | None = _opt(
+        None, "modules that get LoRA, comma-separated names (e.g. q_proj,v_proj) or all-linear "
+        "(default: the attention query/value projections)", "model", metavar="NAMES")
+    use_rslora: bool = _opt(False, "rank-stabilised LoRA: scaling = alpha / sqrt(rank)", "model")
+    modules_to_save: list[str] | None = _opt(
+        None, "extra modules trained in full beside the adapter (a classification head is added "
+        "automatically)", "model", metavar="NAMES")
+    freeze_layers: int = _opt(0, "full mode: freeze the embeddings and the first K transformer layers", "model",
+                              metavar="K")
+    # optimization
+    optimizer: str = _opt("adamw", "adamw (torch) or adamw8bit (8-bit states, lora_engine.optim)", "optimization",
+                          choices=OPTIMIZERS)
+    lr: float = _opt(2e-4, "peak learning rate", "optimization")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (matrices only; not biases or norms)", "optimization")
+    layer_lr_decay: float = _opt(1.0, "layer-wise lr decay: layer i of L trains at lr * decay^(L - i)",
+                                 "optimization", metavar="DECAY")
+    schedule: str = _opt("cosine", "lr schedule after warmup", "optimization", choices=SCHEDULES)
+    warmup_steps: int = _opt(0, "linear warmup steps", "optimization")
+    min_lr_ratio: float = _opt(0.0, "the schedule ends at lr * this", "optimization")
+    batch_size: int = _opt(8, "examples per micro-batch", "optimization")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", "optimization")
+    epochs: float = _opt(1.0, "passes over the training data (fractions allowed)", "optimization")
+    max_steps: int = _opt(0, "stop after this many optimizer steps (0: use --epochs)", "optimization")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)", "optimization")
+    precision: str = _opt("fp32", "fp32; bf16-mixed / fp16-mixed (autocast); bf16 (pure bf16 base weights)",
+                          "optimization", choices=PRECISIONS)
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (HF's, non-reentrant)",
+                                        "optimization")
+    seed: int = _opt(0, "seed for weights init, data order, dropout", "optimization")
+    # forgetting
+    kd_weight: float = _opt(0.0, "LoRA LM tasks: weight of a distillation term against the base model "
+                            "(adapters disabled, no second copy)", "forgetting")
+    kd_temperature: float = _opt(2.0, "distillation temperature", "forgetting")
+    replay_data: str | None = _opt(None, "JSONL of general examples mixed into every batch", "forgetting",
+                                   metavar="FILE")
+    replay_fraction: float = _opt(0.0, "fraction of each batch drawn from --replay-data", "forgetting")
+    # eval and output
+    eval_every: int = _opt(0, "evaluate every N steps (and always at the end)", "output", metavar="N")
+    eval_before: bool = _opt(False, "also evaluate before the first step (logged as step 0)", "output")
+    patience: int = _opt(0, "stop after N evals without improvement (0: never stop early)", "output",
+                         metavar="N")
+    output: str = _opt("runs/lora-engine", "output directory", "output", metavar="DIR")
+    save_every: int = _opt(0, "checkpoint every N steps (always at the end and on Ctrl-C)", "output",
+                           metavar="N")
+    resume: bool = _opt(False, "continue from the latest checkpoint in --output", "output")
+    overwrite: bool = _opt(False, "start over in an --output that already holds a run", "output")
+    merge: bool = _opt(False, "LoRA: also write merged/, a plain transformers model", "output")
+    log_every: int = _opt(1, "write a train row to metrics.jsonl every N steps", "output", metavar="N")
+    progress: bool = _opt(True, "show a progress bar", "output")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...", "output")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """A config from a dict (keys may use - or _); unknown keys and bad types raise ConfigError."""
+        return cls(**_coerce_all(values, source))
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
+        """Reads a YAML or JSON file of options; `overrides` (e.g. from CLI flags) win."""
+        return cls.from_dict({**read_config_file(path), **overrides}, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Checks the options against each other; raises ConfigError naming the option to change."""
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if not self.model:
+            bad("no model given: pass --model PATH (a local Hugging Face model directory)")
+        if not self.data:
+            bad("no training data given: pass --data FILE (JSONL)")
+        for name, choices in (("task", D.TASKS), ("mode", MODES), ("optimizer", OPTIMIZERS),
+                              ("precision", PRECISIONS), ("schedule", SCHEDULES)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                bad(f"{name} {value!r} is not one of {', '.join(choices)}")
+        for name in ("rank", "max_length", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "patience", "freeze_layers"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        if self.epochs <= 0 and not self.max_steps:
+            bad("epochs must be > 0 (or give max_steps)")
+        if not 0.0 <= self.dropout < 1.0:
+            bad(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            bad(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            bad(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.num_labels is not None and self.num_labels < 2:
+            bad(f"num_labels must be at least 2, got {self.num_labels}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            bad(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if (self.replay_fraction > 0) != bool(self.replay_data):
+            bad("replay needs both --replay-data FILE and --replay-fraction > 0")
+        if self.replay_fraction > 0 and round(self.replay_fraction * self.batch_size) >= self.batch_size:
+            bad(f"replay_fraction {self.replay_fraction} leaves no room for training rows in a batch of "
+                f"{self.batch_size}; lower it or raise --batch-size")
+        if self.kd_weight < 0 or self.kd_temperature <= 0:
+            bad("kd_weight must be >= 0 and kd_temperature > 0")
+        if self.kd_weight > 0 and self.mode != "lora":
+            bad("distillation (kd_weight > 0) needs mode lora: the teacher is the base model with the "
+                "adapters disabled, which full fine-tuning overwrites")
+        if self.kd_weight > 0 and self.task == "classification":
+            bad("distillation (kd_weight > 0) applies to causal-lm and sft: a new classification head "
+                "has no base-model teacher")
+        if self.freeze_layers and self.mode != "full":
+            bad("freeze_layers applies to mode full (in LoRA mode the base weights are frozen already)")
+        if self.merge and self.mode != "lora":
+            bad("merge applies to mode lora (a full fine-tune already writes a plain model to model/)")
+        if self.eval_split and self.eval_data:
+            bad("give either --eval-data or --eval-split, not both")
+        if self.eval_split and not 0.0 < self.eval_split < 1.0:
+            bad(f"eval_split must be in (0, 1), got {self.eval_split}")
+        if self.pack and self.task not in (None, "causal-lm"):
+            bad("pack applies to task causal-lm only")
+        if self.resume and self.overwrite:
+            bad("--resume and --overwrite contradict each other: pick one")
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """value converted to the field's type (YAML reads 2e-4 as a string, flags arrive as strings)."""
+    if value is None:
+        if "None" in str(hint):
+            return None
+        raise ConfigError(f"{source}: {name} cannot be empty")
+    text = str(hint)
+    try:
+        if "list[str]" in text:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [str(s).strip() for s in items if str(s).strip()]
+            return items or None
+        if text.startswith("bool") or hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if "float" in text:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if "int" in text:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(hint, "__name__", text.replace(" | None", ""))
+        raise ConfigError(f"{source}: {name} should be {kind}, got {value!r}") from None
+
+
+def _coerce_all(values: dict[str, Any], source: str) -> dict[str, Any]:
+    hints = _field_types()
+    out = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in hints:
+            near = difflib.get_close_matches(key, list(hints), n=1)
+            hint = f" (did you mean {near[0].replace('_', '-')!r}?)" if near else ""
+            raise ConfigError(f"{source}: unknown option {raw_key!r}{hint}")
+        out[key] = _coerce(key, value, hints[key], source)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML or JSON file (a mapping of option name to value)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({e})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(values).__name__}")
+    return values
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading the model, tokenizer and data
+
+
+def load_tokenizer(path: str):
+    """The tokenizer in `path`, with a pad token (EOS when the tokenizer defines none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        # A path that is not a local directory is looked up in the HF cache only: no download.
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=not Path(path).is_dir())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: pass --tokenizer PATH ({e})") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            raise ConfigError(f"the tokenizer in {path} has neither a pad nor an EOS token")
+    return tok
+
+
+def load_model_config(path: str):
+    """The model's transformers config; ConfigError for a path that is not a model."""
+    from transformers import AutoConfig
+
+    local = Path(path)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(f"model path {path!r} has no config.json: pass a Hugging Face model directory")
+    try:
+        # A path that is not a local directory is looked up in the HF cache only: no download.
+        return AutoConfig.from_pretrained(path, local_files_only=not local.is_dir())
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"unknown model {path!r}: no such directory, and not in the Hugging Face cache "
+            "(lora-engine never downloads: pass a local model directory)"
+        ) from None
+
+
+def load_model(path: str, task: str, num_labels: int | None = None) -> nn.Module:
+    """A causal LM (causal-lm, sft) or a sequence classifier (classification) from a local directory.
+
+    For classification a checkpoint without a head gets a new one with `num_labels` outputs.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = load_model_config(path)
+    offline = not Path(path).is_dir()
+    kwargs = {}
+    if task == "classification":
+        if num_labels and num_labels != config.num_labels:
+            # A head of another size in the checkpoint is replaced by a new one.
+            config.num_labels = num_labels
+            config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            config.label2id = {v: k for k, v in config.id2label.items()}
+            kwargs["ignore_mismatched_sizes"] = True
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    try:
+        return auto.from_pretrained(path, config=config, local_files_only=offline, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"cannot load {path!r} as a {auto.__name__[9:]} model: {e}") from None
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """HF's activation checkpointing, non-reentrant (frozen inputs need no requires_grad hack)."""
+    if not model.supports_gradient_checkpointing:
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def classification_head(model: nn.Module) -> str:
+    """The name of a sequence classifier's head module (`classifier`, `score`, ...)."""
+    for name in ("classifier", "score", "classification_head", "logits_proj"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ConfigError(
+        f"cannot find the classification head of {type(model).__name__}; name it with --modules-to-save"
+    )
+
+
+@dataclass
+class Datasets:
+    train: list[D.Example]
+    eval: list[D.Example] | None
+    replay: list[D.Example] | None
+    task: str
+    num_labels: int | None
+
+
+def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
+    """Reads, checks and tokenizes the train / eval / replay files (errors name file and line)."""
+    rows = D.read_jsonl(cfg.data)
+    task = cfg.task or D.infer_task(rows, cfg.data)
+    eval_rows = D.read_jsonl(cfg.eval_data) if cfg.eval_data else None
+    replay_rows = D.read_jsonl(cfg.replay_data) if cfg.replay_data else None
+    num_labels = cfg.num_labels
+    if task == "classification" and num_labels is None:
+        labels = [r.get("label") for _, r in rows if isinstance(r.get("label"), int)]
+        num_labels = max(2, max(labels, default=0) + 1)
+    if task != "classification" and num_labels is not None:
+        raise ConfigError(f"num_labels applies to task classification, not {task}")
+
+    def tokenize(rs, path):
+        return D.tokenize_rows(rs, path, tokenizer, task, cfg.max_length, num_labels)
+
+    train = tokenize(rows, cfg.data)
+    held = tokenize(eval_rows, cfg.eval_data) if eval_rows else None
+    replay = tokenize(replay_rows, cfg.replay_data) if replay_rows else None
+    if cfg.eval_split:
+        train, held = D.split_examples(train, cfg.eval_split, cfg.seed)
+    if cfg.pack:
+        train = D.pack_examples(train, cfg.max_length)
+        replay = D.pack_examples(replay, cfg.max_length) if replay else None
+    return Datasets(train, held, replay, task, num_labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Options as small functions
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|embed_positions|wte|wpe)(?:\.|$)")
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """0 for embeddings, i + 1 for transformer layer i, num_layers + 1 for the rest (head, final norm)."""
+    m = _LAYER_INDEX.search(name)
+    if m:
+        return int(m.group(1)) + 1
+    return 0 if _EMBEDDING.search(name) else num_layers + 1
+
+
+def count_layers(model: nn.Module) -> int:
+    found = {int(m.group(1)) for n, _ in model.named_parameters() if (m := _LAYER_INDEX.search(n))}
+    return max(found) + 1 if found else 0
+
+
+def freeze_first_layers_(model: nn.Module, k: int) -> None:
+    """Full mode: freezes the embeddings and transformer layers 0..k-1 (a tied LM head with them)."""
+    num_layers = count_layers(model)
+    if k > num_layers:
+        raise ConfigError(f"freeze_layers={k} but the model has {num_layers} transformer layers")
+    for name, p in model.named_parameters():
+        if layer_depth(name, num_layers) <= k:
+            p.requires_grad_(False)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_lr_decay: float) -> list[dict]:
+    """Optimizer groups of the trainable parameters: matrices decay, biases/norms do not; with
+    layer_lr_decay < 1 each parameter's lr is lr * decay^(L + 1 - depth) (embeddings lowest)."""
+    num_layers = count_layers(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = layer_depth(name, num_layers) if layer_lr_decay < 1.0 else num_layers + 1
+        decays = p.dim() >= 2 and weight_decay > 0
+        group = groups.setdefault((depth, decays), {
+            "params": [], "names": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr * layer_lr_decay ** (num_layers + 1 - depth),
+        })
+        group["params"].append(p)
+        group["names"].append(name)
+    if not groups:
+        raise ConfigError("no trainable parameters (check --targets, --freeze-layers)")
+    return [groups[k] for k in sorted(groups)]
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if cfg.optimizer == "adamw8bit":
+        # Pure bf16 weights: stochastic rounding keeps updates smaller than a bf16 ulp on average.
+        return AdamW8bit(groups, lr=cfg.lr, stochastic_rounding=cfg.precision == "bf16")
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier on each group's lr for optimizer step `step` (0-based): linear warmup from
+    1/(warmup+1), then cosine or linear decay to min_ratio at the last step, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, number of targets). LM: logits (B, T, V) predict labels shifted by one
+    (-100 skipped); classification: logits (B, C), labels (B,)."""
+    if task == "classification":
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                           ignore_index=D.IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != D.IGNORE_INDEX).sum())
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Summed T² · KL(teacher_T ‖ student_T) over the LM target positions; logits (B, T, V)."""
+    keep = (labels[:, 1:] != D.IGNORE_INDEX).flatten()
+    s = student[:, :-1].flatten(0, 1)[keep].float() / temperature
+    t = teacher[:, :-1].flatten(0, 1)[keep].float() / temperature
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    return kl * temperature**2
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[D.Example], task: str, pad_id: int, batch_size: int = 8,
+             device: torch.device | str = "cpu", autocast=contextlib.nullcontext, before_batch=None):
+    """eval_loss (mean over target tokens, or examples) plus eval_accuracy (classification) or
+    eval_perplexity (LM), with the model in eval mode (restored to train mode after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, n_sum, correct = 0.0, 0, 0
+        for start in range(0, len(examples), batch_size):
+            if before_batch is not None:
+                before_batch()
+            batch = D.collate(examples[start : start + batch_size], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, n = task_loss(logits, batch["labels"], task)
+            loss_sum, n_sum = loss_sum + loss.item(), n_sum + n
+            if task == "classification":
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    finally:
+        model.train(was_training)
+    metrics = {"eval_loss": loss_sum / max(1, n_sum)}
+    if task == "classification":
+        metrics["eval_accuracy"] = correct / len(examples)
+    else:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+    return metrics
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or on CPU the process's peak resident set (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Yields a temporary directory beside `target`; on success it replaces `target` whole."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    found = [p for p in output.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+_RUN_FILES = ("metrics.jsonl", "train_config.yaml", "adapter", "model", "merged")
+
+
+def _best_dirs(output: Path) -> dict[int, Path]:
+    return {int(p.name.split("-")[1]): p for p in output.glob("best-*") if p.is_dir()}
+
+
+# Options that may change between a run and its --resume without changing the math of the steps.
+_RESUMABLE = {"resume", "overwrite", "merge", "progress", "log_every", "eval_every", "save_every",
+              "patience", "max_steps", "epochs", "output", "device", "eval_data", "eval_split", "eval_before"}
+
+
+class _Interrupted(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Loads everything `cfg` names and checks it (before anything is written), then `train()`."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if cfg.device == "auto" else cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r}: no CUDA GPU is visible (use --device cpu or auto)")
+        self.output = Path(cfg.output)
+        self._resume_from = self._check_output()
+        load_model_config(cfg.model)  # an unknown model fails here, before reading any data
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.data = load_datasets(cfg, self.tokenizer)
+        self.task = self.data.task
+        if cfg.kd_weight > 0 and self.task == "classification":
+            raise ConfigError("distillation (kd_weight > 0) applies to causal-lm and sft, not classification")
+        if cfg.pack and self.task != "causal-lm":
+            raise ConfigError("pack applies to task causal-lm only")
+
+        self.n_replay = round(cfg.replay_fraction * cfg.batch_size) if self.data.replay else 0
+        self.rows_per_batch = cfg.batch_size - self.n_replay
+        self.batches_per_epoch = D.batches_per_epoch(len(self.data.train), self.rows_per_batch)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+
+        torch.manual_seed(cfg.seed)  # the new head's and LoRA's initial weights
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = self._build_model()
+        self.groups = param_groups(self.model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
+        self.optimizer = make_optimizer(self.groups, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16-mixed")
+        self.step = 0
+        self.best: tuple[float, int, dict] | None = None  # (score, step, eval metrics)
+        self.bad_evals = 0
+        self._checkpoint_best: int | None = None  # step of the best weights the last checkpoint refers to
+        self.last_eval: tuple[int | None, dict[str, float]] = (None, {})  # (step, metrics)
+        self._rng_after_step = rng_state(self.device)
+        self._order_cache: tuple[int, list[int]] | None = None
+        self._stop_requested = False
+        if self._resume_from is not None:
+            self._load_checkpoint(self._resume_from)
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _check_output(self) -> Path | None:
+        """The checkpoint to resume from (or None); refuses to overwrite a run without --overwrite."""
+        cfg, out = self.cfg, self.output
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output {out} exists and is not a directory")
+        checkpoints = _checkpoints(out) if out.is_dir() else []
+        if cfg.resume:
+            if not checkpoints:
+                raise ConfigError(f"--resume: no checkpoint in {out} to resume from")
+            return checkpoints[-1]
+        existing = checkpoints + [out / n for n in _RUN_FILES if (out / n).exists()]
+        existing += list(_best_dirs(out).values()) if out.is_dir() else []
+        if existing and not cfg.overwrite:
+            raise ConfigError(
+                f"{out} already holds a run ({existing[0].name}); pass --resume to continue it, "
+                "--overwrite to start over, or another --output"
+            )
+        return None
+
+    def _build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = load_model(cfg.model, self.task, self.data.num_labels)
+        if self.task == "classification":
+            n_out = model.config.num_labels
+            if n_out != self.data.num_labels:
+                raise ConfigError(f"the model's head has {n_out} labels but the data needs {self.data.num_labels}")
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = self.pad_id  # decoder classifiers pool the last non-pad token
+        if cfg.precision == "bf16":
+            model.to(torch.bfloat16)  # LoRA weights, made after this, stay fp32 (as PEFT)
+        model.to(self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+        if cfg.mode == "lora":
+            saved = list(cfg.modules_to_save or [])
+            if self.task == "classification":
+                head = classification_head(model)
+                saved += [head] if head not in saved else []
+            try:
+                patch_model(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                            target_modules=self._targets(), use_rslora=cfg.use_rslora,
+                            modules_to_save=saved or None)
+            except ValueError as e:
+                raise ConfigError(f"cannot add LoRA to {cfg.model}: {e}") from None
+        elif cfg.freeze_layers:
+            freeze_first_layers_(model, cfg.freeze_layers)
+        model.train()
+        return model
+
+    def _targets(self):
+        targets = self.cfg.targets
+        return targets[0] if targets and len(targets) == 1 and targets[0] == "all-linear" else targets
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch `index` of the run: a pure function of (seed, index), so resume repeats it."""
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, D.epoch_order(len(self.data.train), self.cfg.seed, epoch))
+        order = self._order_cache[1]
+        rows = [self.data.train[i] for i in order[pos * self.rows_per_batch : (pos + 1) * self.rows_per_batch]]
+        if self.n_replay:
+            replay = self.data.replay
+            rows += [replay[i] for i in D.replay_rows(len(replay), self.n_replay, self.cfg.seed, index)]
+        return {k: v.to(self.device) for k, v in D.collate(rows, self.pad_id).items()}
+
+    def _autocast(self):
+        p = self.cfg.precision
+        if p in ("bf16-mixed", "fp16-mixed"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16-mixed" else torch.float16)
+        return contextlib.nullcontext()
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(summed task loss, summed distillation term or None, targets) for one micro-batch."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        teacher = None
+        if self.cfg.kd_weight > 0:
+            with torch.no_grad(), disable_adapters(self.model), self._autocast():
+                self.model.eval()  # a deterministic teacher; dropout would only add noise
+                teacher = self.model(**inputs).logits
+                self.model.train()
+        with self._autocast():
+            logits = self.model(**inputs).logits
+        loss, n = task_loss(logits, batch["labels"], self.task)
+        kd = distill_loss(logits, teacher, batch["labels"], self.cfg.kd_temperature) if teacher is not None else None
+        return loss, kd, n
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns the train row to log."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batches = [self._micro_batch(self.step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
+        # Normalise by the step's total number of targets, so every target token (or example)
+        # weighs the same however the micro-batches split them.
+        n_total = sum(self._count_targets(b) for b in batches)
+        loss_sum = kd_sum = 0.0
+        for batch in batches:
+            loss, kd, _ = self._forward(batch)
+            objective = loss + cfg.kd_weight * kd if kd is not None else loss
+            self.scaler.scale(objective / max(1, n_total)).backward()
+            loss_sum += loss.item()
+            kd_sum += kd.item() if kd is not None else 0.0
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
+        lr = self.optimizer.param_groups[-1]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._rng_after_step = rng_state(self.device)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        seconds = time.perf_counter() - t0
+        row = {"step": self.step, "epoch": round(self.step * cfg.grad_accum / self.batches_per_epoch, 4),
+               "loss": (loss_sum + cfg.kd_weight * kd_sum) / max(1, n_total), "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": tokens / seconds, "peak_mem_mb": round(peak_memory_mb(self.device), 1)}
+        if cfg.kd_weight > 0:
+            row["task_loss"] = loss_sum / max(1, n_total)
+            row["kd_loss"] = kd_sum / max(1, n_total)
+        return row
+
+    def _count_targets(self, batch) -> int:
+        labels = batch["labels"]
+        return labels.numel() if self.task == "classification" else int((labels[:, 1:] != D.IGNORE_INDEX).sum())
+
+    # -- eval -----------------------------------------------------------------------------------
+
+    def evaluate(self, examples: list[D.Example] | None = None) -> dict[str, float]:
+        """eval_loss plus eval_accuracy (classification) or eval_perplexity (LM) over `examples`
+        (default: the eval set)."""
+        examples = examples if examples is not None else self.data.eval
+        if not examples:
+            raise ConfigError("no eval data: pass --eval-data or --eval-split")
+
+        def check_stop():
+            if self._stop_requested:
+                raise _Interrupted
+
+        return evaluate(self.model, examples, self.task, self.pad_id, self.cfg.batch_size, self.device,
+                        self._autocast, check_stop)
+
+    def _metric(self, metrics: dict[str, float]) -> float:
+        """The early-stopping score, higher is better: accuracy, or minus the eval loss."""
+        return metrics["eval_accuracy"] if self.task == "classification" else -metrics["eval_loss"]
+
+    def _after_eval(self, metrics: dict[str, float]) -> bool:
+        """Tracks the best eval (saving its weights to best-<step>/); True when patience has run out."""
+        score = self._metric(metrics)
+        if self.best is None or score > self.best[0]:
+            self.best = (score, self.step, metrics)
+            self.bad_evals = 0
+            with atomic_dir(self.output / f"best-{self.step:06d}") as tmp:
+                self._save_weights(tmp)
+            self._drop_best_dirs(keep={self.step, self._checkpoint_best})
+            return False
+        self.bad_evals += 1
+        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _save_weights(self, directory: Path) -> None:
+        if self.cfg.mode == "lora":
+            save_adapter(self.model, directory)
+        else:
+            self.model.save_pretrained(directory, safe_serialization=True)
+
+    def _load_weights(self, directory: Path) -> None:
+        """Puts the weights saved in `directory` into the live model (exactly, no rounding)."""
+        if self.cfg.mode == "lora":
+            unpatch_model(self.model, merge=False)
+            load_adapter(self.model, directory)
+        else:
+            saved = type(self.model).from_pretrained(directory)
+            self.model.load_state_dict(saved.state_dict())
+            del saved
+
+    def save_checkpoint(self) -> Path:
+        """Writes checkpoint-<step>/ atomically (weights + trainer state), then drops older ones."""
+        target = self.output / f"checkpoint-{self.step:06d}"
+        with atomic_dir(target) as tmp:
+            self._save_weights(tmp)
+            torch.save({
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": self._rng_after_step,
+                "best": self.best,
+                "bad_evals": self.bad_evals,
+                "last_eval": self.last_eval,
+                "config": self.cfg.to_dict(),
+            }, tmp / STATE_FILE)
+        for old in _checkpoints(self.output):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+        # The checkpoint's best weights must outlive later bests, in case we resume from it.
+        self._checkpoint_best = self.best[1] if self.best else None
+        self._drop_best_dirs(keep={self._checkpoint_best})
+        return target
+
+    def _drop_best_dirs(self, keep: set[int | None]) -> None:
+        for step, path in _best_dirs(self.output).items():
+            if step not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        saved, now = state["config"], self.cfg.to_dict()
+        changed = [k for k in now if k not in _RESUMABLE and saved.get(k) != now[k]]
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ConfigError(f"--resume with options that differ from the checkpoint's ({diffs}); "
+                              "resume with the same options, or start over with --overwrite")
+        self._load_weights(directory)
+        if self.cfg.mode == "lora":
+            # load_adapter made new LoRA parameters: the optimizer must point at them.
+            self.groups = param_groups(self.model, self.cfg.lr, self.cfg.weight_decay, self.cfg.layer_lr_decay)
+            self.optimizer = make_optimizer(self.groups, self.cfg)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
+        self._checkpoint_best = self.best[1] if self.best else None
+        self.last_eval = state["last_eval"]
+        self._rng_after_step = state["rng"]
+        set_rng_state(state["rng"], self.device)
+        self.model.train()
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _prepare_output(self) -> None:
+        out = self.output
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp-*"):  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        if self._resume_from is None:
+            if self.cfg.overwrite:
+                for p in _checkpoints(out) + [out / n for n in _RUN_FILES] + list(_best_dirs(out).values()):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            write_text_atomic(out / "metrics.jsonl", "")
+        else:
+            self._truncate_metrics(self.step)
+            self._drop_best_dirs(keep={self._checkpoint_best})  # bests after the checkpoint are replayed
+        write_text_atomic(out / "train_config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Keeps the rows up to the checkpoint's step, so a resumed log equals an uninterrupted one."""
+        path = self.output / "metrics.jsonl"
+        kept = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line + "\n")
+        write_text_atomic(path, "".join(kept))
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _finish(self) -> dict[str, Any]:
+        """Final weights (the best eval's, if any) to adapter/ or model/, tokenizer beside; merged/."""
+        cfg, out = self.cfg, self.output
+        if self.best is not None and self.best[1] != self.step:
+            self._load_weights(out / f"best-{self.best[1]:06d}")
+        final = out / ("adapter" if cfg.mode == "lora" else "model")
+        with atomic_dir(final) as tmp:
+            self._save_weights(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        summary = {"steps": self.step, "final": str(final)}
+        if self.best is not None:  # the final weights are the best eval's: report its metrics
+            summary.update({"best_step": self.best[1], **self.best[2]})
+        if cfg.merge:
+            merged = unpatch_model(self.model, merge=True)
+            with atomic_dir(out / "merged") as tmp:
+                merged.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            summary["merged"] = str(out / "merged")
+        return summary
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Runs to total_steps (or early stop). Returns {steps, final (path), best_step and the eval
+        metrics of the final weights (when there is eval data), merged (path, with merge)}.
+
+        Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and raises KeyboardInterrupt;
+        a second Ctrl-C stops at once (the last checkpoint written stays the one to resume from).
+        Running out of accelerator memory raises OutOfMemory, saying what to lower.
+        """
+        cfg = self.cfg
+        self._prepare_output()
+        self._write_data_note()
+        previous_handler = self._catch_sigint()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+        try:
+            if cfg.eval_before and self.step == 0 and self.data.eval:
+                self._eval_and_log(bar)
+            stop = False
+            while self.step < self.total_steps and not stop:
+                if self._stop_requested:
+                    raise _Interrupted
+                row = self._train_step()
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._log(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                mem=f"{row['peak_mem_mb']:.0f}MB")
+                if self.data.eval and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    stop = self._eval_and_log(bar)
+                    if stop and cfg.progress:
+                        bar.write(f"early stop: no better eval in {cfg.patience} evals "
+                                  f"(best at step {self.best[1]})")
+                if cfg.save_every and self.step % cfg.save_every == 0 and not stop:
+                    self.save_checkpoint()
+            if self.data.eval and self.last_eval[0] != self.step:
+                self._eval_and_log(bar)
+            self.save_checkpoint()
+        except _Interrupted:
+            bar.close()
+            where = self.save_checkpoint()
+            print(f"\ninterrupted: checkpoint saved to {where} (step {self.step}); "
+                  f"run again with --resume to continue", file=sys.stderr)
+            raise KeyboardInterrupt from None
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(
+                f"out of {self.device.type} memory at step {self.step + 1} (batch_size={cfg.batch_size}, "
+                f"max_length={cfg.max_length}): lower --batch-size (raise --grad-accum to keep the "
+                "effective batch), lower --max-length, or turn on --gradient-checkpointing, "
+                "--precision bf16-mixed, --optimizer adamw8bit"
+            ) from None
+        finally:
+            bar.close()
+            self._restore_sigint(previous_handler)
+        return self._finish()
+
+    def _eval_and_log(self, bar) -> bool:
+        """Evaluates, logs the eval row, tracks the best; True when early stopping says stop."""
+        evals = self.evaluate()
+        self.last_eval = (self.step, evals)
+        self._log({"step": self.step, **evals})
+        if self.cfg.progress:
+            bar.write(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
+        return self._after_eval(evals)
+
+    def _write_data_note(self) -> None:
+        d = self.data
+        parts = [f"{len(d.train)} train"]
+        if d.eval:
+            parts.append(f"{len(d.eval)} eval")
+        if d.replay:
+            parts.append(f"{len(d.replay)} replay ({self.n_replay} per batch)")
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        if self.cfg.progress:
+            print(f"{self.task}, {self.cfg.mode}: {', '.join(parts)} examples; {trainable:,} of {total:,} "
+                  f"parameters train; {self.total_steps} steps on {self.device}", file=sys.stderr)
+
+    def _catch_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop_requested:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print("\nCtrl-C: finishing this step, then writing a checkpoint (again to stop at once)",
+                  file=sys.stderr)
+
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def _restore_sigint(previous) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
