@@ -1,6 +1,6 @@
 """lora-engine: kernel-accelerated LoRA fine-tuning for Hugging Face transformers."""
 
-from lora_engine.adapters import load_adapter, merge, save_adapter, unmerge
+from lora_engine.adapters import load_adapter, merge, save_adapter, unmerge, unpatch_model
 from lora_engine.layers import LoRALinear
 from lora_engine.ops import lora_linear, lora_linear_reference
 from lora_engine.optim import AdamW8bit
@@ -10,7 +10,6 @@ from lora_engine.patch import (
     lora_state_dict,
     patch_model,
     set_adapter,
-    unpatch_model,
 )
 from lora_engine.trainer import TrainConfig, Trainer
 

@@ -6,8 +6,10 @@ keys, `base_model.model.<module path>.lora_A.weight` (r, in) / `.lora_B.weight` 
 `PeftModel.from_pretrained` (and vLLM and others) load what `save_adapter` writes, and
 `load_adapter` loads what PEFT writes. Files are written to a temporary name, then renamed.
 
-Merging uses `kernels/merge.py`: W += scaling · B A in place, fp32 accumulation, one rounding.
-Import note: `load_adapter` patches the model, so this module imports `lora_engine.patch`.
+Merging uses `kernels/merge.py`: W += scaling · B A in place, fp32 accumulation, one rounding;
+`unpatch_model(model, merge=True)` exports the merged model as plain transformers modules.
+Import note: `load_adapter` patches the model, so this module imports `lora_engine.patch` (never
+the other way round).
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ from lora_engine.patch import (
     _check_can_add_adapter,
     _check_hyperparameters,
     _check_no_overlap,
+    _forget_lora,
     _is_target_layer,
     _module_paths,
     _path_matches,
+    _set_submodule,
+    _wrappers,
     adapter_settings,
     remove_adapter,
 )
 
-__all__ = ["save_adapter", "load_adapter", "merge", "unmerge", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "merge", "unmerge", "unpatch_model", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -318,6 +323,9 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+_merge_model = merge  # unpatch_model's `merge` flag shadows the function inside it
+
+
 @torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtracts each merged adapter from its base weight again (W -= scaling · B A).
@@ -331,4 +339,31 @@ def unmerge(model: nn.Module) -> nn.Module:
         lora_a, lora_b, scaling = layer.delta_weight(layer.merged)
         merge_lora_(layer.base_weight(), lora_a, lora_b, -scaling)
         layer.merged = None
+    return model
+
+
+def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Removes every adapter and returns the plain model (same object, in place).
+
+    merge=False: the original weights and modules come back (a merged layer is unmerged first).
+    merge=True: the active adapter is folded into the base weights (the Triton merge kernel, one
+    rounding) and the active copy of each modules_to_save replaces the original: the result is a
+    plain transformers model that `save_pretrained` writes and `from_pretrained` reloads.
+    """
+    if not _adapters(model):
+        raise ValueError("The model has no LoRA adapters (it is not patched); nothing to unpatch.")
+    (_merge_model if merge else unmerge)(model)
+    exported = []
+    for path, wrapper in _wrappers(model):
+        if isinstance(wrapper, LoRALinear):
+            inner = wrapper.base_layer
+        else:
+            inner = wrapper.active_module() if merge else wrapper.original_module
+            exported.append((wrapper.original_module, inner))
+        _set_submodule(model, path, inner)
+    _forget_lora(model)
+    for original, kept in exported:
+        # An exported modules_to_save copy trains (or not) as the module it replaces did.
+        for p_orig, p_kept in zip(original.parameters(), kept.parameters()):
+            p_kept.requires_grad_(p_orig.requires_grad)
     return model

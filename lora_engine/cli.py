@@ -21,8 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from lora_engine import data as D
-from lora_engine.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from lora_engine.patch import unpatch_model
+from lora_engine.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, unpatch_model
 from lora_engine.trainer import (
     ConfigError,
     OutOfMemory,

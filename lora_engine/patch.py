@@ -26,7 +26,6 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "AdapterSettings",
     "patch_model",
-    "unpatch_model",
     "lora_parameters",
     "lora_state_dict",
     "set_adapter",
@@ -408,37 +407,3 @@ def _forget_lora(model: nn.Module) -> None:
         param.requires_grad_(flag)
     for key in ("_lora_adapters", "_lora_active"):
         model.__dict__.pop(key, None)
-
-
-def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Removes every adapter and returns the plain model (same object, in place).
-
-    merge=False: the original weights and modules come back (a merged layer is unmerged first).
-    merge=True: the active adapter is folded into the base weights (the Triton merge kernel, one
-    rounding) and the active copy of each modules_to_save replaces the original: the result is a
-    plain transformers model that `save_pretrained` writes and `from_pretrained` reloads.
-    """
-    if not _adapters(model):
-        raise ValueError("The model has no LoRA adapters (it is not patched); nothing to unpatch.")
-    # Imported here: merging is the adapters layer's job (kernels/merge.py), which imports this module.
-    from lora_engine.adapters import merge as merge_adapter
-    from lora_engine.adapters import unmerge as unmerge_adapter
-
-    if merge:
-        merge_adapter(model)
-    else:
-        unmerge_adapter(model)
-    exported = []
-    for path, wrapper in _wrappers(model):
-        if isinstance(wrapper, LoRALinear):
-            inner = wrapper.base_layer
-        else:
-            inner = wrapper.active_module() if merge else wrapper.original_module
-            exported.append((wrapper.original_module, inner))
-        _set_submodule(model, path, inner)
-    _forget_lora(model)
-    for original, kept in exported:
-        # An exported modules_to_save copy trains (or not) as the module it replaces did.
-        for p_orig, p_kept in zip(original.parameters(), kept.parameters()):
-            p_kept.requires_grad_(p_orig.requires_grad)
-    return model

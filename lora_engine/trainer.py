@@ -52,9 +52,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora_engine import data as D
-from lora_engine.adapters import load_adapter, save_adapter
+from lora_engine.adapters import load_adapter, save_adapter, unpatch_model
 from lora_engine.optim import AdamW8bit
-from lora_engine.patch import disable_adapters, patch_model, unpatch_model
+from lora_engine.patch import disable_adapters, patch_model
 
 __all__ = ["TrainConfig", "Trainer", "ConfigError", "OutOfMemory", "load_model", "load_tokenizer", "evaluate"]
 
