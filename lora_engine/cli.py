@@ -6,6 +6,7 @@
     lora-engine merge runs/x/adapter --base PATH --out runs/x/merged
     lora-engine eval --model runs/x/merged --data eval.jsonl
     lora-engine eval --model PATH --adapter runs/x/adapter --data eval.jsonl
+    torchrun --nproc-per-node 2 -m lora_engine.cli train ...   # several GPUs (--batch-size is per rank)
 
 Exit status: 0 done, 1 out of memory, 2 bad input (the message says what to change), 130 Ctrl-C.
 """
@@ -21,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from lora_engine import data as D
+from lora_engine import distributed
 from lora_engine.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, unpatch_model
 from lora_engine.trainer import (
     ConfigError,
@@ -142,8 +144,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_file = flags.pop("config", None)
     values = read_config_file(config_file) if config_file else {}
     cfg = TrainConfig.from_dict({**values, **flags}, source=config_file or "command line")
-    summary = Trainer(cfg).train()
-    print(json.dumps(summary, indent=2))
+    try:
+        summary = Trainer(cfg).train()
+    finally:
+        distributed.shutdown()  # under torchrun; a no-op otherwise
+    if distributed.launched().main:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -291,15 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except (ConfigError, D.DataError, FileNotFoundError, ValueError) as e:
         print(f"lora-engine {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except OutOfMemory as e:
         print(f"lora-engine {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        status = 1
     except KeyboardInterrupt:
-        return 130
+        status = 130
+    distributed.exit_if_gloo(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ p = p (1 - lr·wd); p -= lr/bc1 · m / (√v / √bc2 + eps) with the fp32 m, v 
 new per-block absmax and nearest-code requantization. bc1, bc2 = 1 - β^t in fp64 from fp32 β.
 16-bit params are updated in fp32 and rounded once (bf16: optionally stochastically).
 
+FSDP2's sharded parameters (DTensors): each rank keeps and quantises the states of its own local
+shard (`p.to_local()`, `grad.to_local()`), so blocks never straddle ranks; the state_dict holds
+plain per-shard tensors and resumes on the same world size; the inf/NaN skip is decided over all
+shards.
+
 On CUDA, and on CPU under TRITON_INTERPRET=1, `lora_engine.kernels.adamw8bit` runs the step, one
 launch per (param group, dtype, state kind). Elsewhere `adamw8bit_step_reference`, the pure-torch
 twin of the kernel (same fp32 operations in the same order), runs per tensor.
@@ -257,6 +262,19 @@ def adamw8bit_step_reference(param: torch.Tensor, grad: torch.Tensor, state: dic
 # The optimizer.
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: updating it updates the DTensor); else t itself."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+def _shard_group(params):
+    """The process group over which DTensor `params` are sharded (None: plain tensors)."""
+    for p in params:
+        if hasattr(p, "device_mesh"):
+            return p.device_mesh.get_group()
+    return None
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -319,6 +337,7 @@ class AdamW8bit(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             return state
+        p = _local(p)  # the state is the shard's: keyed by the param, shaped by its local part
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         n = p.numel()
         if n >= group["min_8bit_size"]:
@@ -381,11 +400,14 @@ class AdamW8bit(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW8bit does not support sparse gradients")
+                lp = _local(p)
+                if lp.numel() == 0:  # a DTensor whose shard on this rank is empty
+                    continue
                 state = self._init_state(p, group)
-                if self._kernel_path(p.device):
-                    if not p.is_contiguous():
+                if self._kernel_path(lp.device):
+                    if not lp.is_contiguous():
                         raise RuntimeError("AdamW8bit's kernel needs contiguous parameters")
-                    key = (gi, p.device, p.dtype, p.grad.dtype, "state1" in state)
+                    key = (gi, lp.device, lp.dtype, p.grad.dtype, "state1" in state)
                     launch.setdefault(key, []).append((seed, p))
                 else:
                     reference.append((group, seed, p, state))
@@ -396,13 +418,20 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     def _step_reference(self, items) -> None:
-        if self.skip_nonfinite and not all(bool(torch.isfinite(p.grad).all()) for _, _, p, _ in items):
-            self._skipped_host += 1
-            self._warn_skips(self.skipped_steps)
-            return
+        if self.skip_nonfinite:
+            finite = all(bool(torch.isfinite(_local(p.grad)).all()) for _, _, p, _ in items)
+            shards = _shard_group(p for _, _, p, _ in items)
+            if shards is not None:  # one verdict for all shards
+                flag = torch.tensor([float(finite)], device=_local(items[0][2]).device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=shards)
+                finite = bool(flag.item())
+            if not finite:
+                self._skipped_host += 1
+                self._warn_skips(self.skipped_steps)
+                return
         for group, seed, p, state in items:
             adamw8bit_step_reference(
-                p, p.grad, state, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                _local(p), _local(p.grad), state, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                 eps=group["eps"], weight_decay=group["weight_decay"], block_size=group["block_size"],
                 stochastic_rounding=group["stochastic_rounding"], seed=seed,
             )
@@ -410,9 +439,10 @@ class AdamW8bit(torch.optim.Optimizer):
     def _table(self, key, items, group):
         """The LaunchTable of a launch group (cached while its params and grads stay put), and the
         grads it points to (held by the caller until the launch is queued)."""
-        params = [p for _, p in items]
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-        states = [self.state[p] for p in params]
+        states = [self.state[p] for _, p in items]
+        params = [_local(p) for _, p in items]
+        raw = [_local(p.grad) for _, p in items]
+        grads = [g if g.is_contiguous() else g.contiguous() for g in raw]
         addr = tuple((p.data_ptr(), g.data_ptr(), p.numel()) for p, g in zip(params, grads))
         cached = self._tables.get(key)
         if cached is not None and cached[0] == addr:
@@ -429,7 +459,7 @@ class AdamW8bit(torch.optim.Optimizer):
             else None,
         )
         # A fresh table holds grads that are not contiguous only by copy: do not cache it then.
-        if all(g is p.grad for p, g in zip(params, grads)):
+        if all(g is r for r, g in zip(raw, grads)):
             self._tables[key] = (addr, tab)
         else:
             self._tables.pop(key, None)
@@ -451,6 +481,11 @@ class AdamW8bit(torch.optim.Optimizer):
             keep_alive.append(grads)
             if self.skip_nonfinite:
                 _k.nonfinite_check_(tab, key[3], self._flags[key[1]])
+        shards = _shard_group(p for items in launch.values() for _, p in items) if self.skip_nonfinite else None
+        if shards is not None:
+            # One verdict for all shards of the params (on the device: no host sync).
+            for d in devices:
+                torch.distributed.all_reduce(self._flags[d], op=torch.distributed.ReduceOp.MAX, group=shards)
         if self.skip_nonfinite and len(devices) > 1:
             # One verdict for all devices: every flag becomes their maximum.
             ds = sorted(devices, key=str)

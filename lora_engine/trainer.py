@@ -22,6 +22,15 @@ What `--output DIR` holds after a run:
 
 Every directory is written under a temporary name and renamed into place, so a crash or Ctrl-C
 never leaves a half-written checkpoint; Ctrl-C checkpoints the last finished step, then exits.
+
+Under torchrun (`torchrun --nproc-per-node N -m lora_engine.cli train ...`) each rank runs this
+same loop (see `lora_engine.distributed`). `batch_size` is per rank: a step sees
+batch_size × N × grad_accum examples, each micro-batch of N × batch_size rows of the epoch's
+order split into N contiguous slices, one per rank, so ranks never overlap and the run equals a
+single-process one with batch_size × N. LoRA gradients are summed over ranks once per step; full
+fine-tuning (and LoRA with `fsdp`) shards the model with FSDP2. Losses, token counts and eval
+sums are summed over ranks, so every rank logs and decides (early stop, Ctrl-C) the same. Only
+rank 0 writes files and shows the progress bar; checkpoints resume on the same number of ranks.
 """
 
 from __future__ import annotations
@@ -52,9 +61,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora_engine import data as D
+from lora_engine import distributed as dist
 from lora_engine.adapters import load_adapter, save_adapter, unpatch_model
 from lora_engine.optim import AdamW8bit
-from lora_engine.patch import disable_adapters, patch_model
+from lora_engine.patch import disable_adapters, lora_parameters, lora_state_dict, patch_model
 
 __all__ = ["TrainConfig", "Trainer", "ConfigError", "OutOfMemory", "load_model", "load_tokenizer", "evaluate"]
 
@@ -120,7 +130,7 @@ class TrainConfig:
     schedule: str = _opt("cosine", "lr schedule after warmup", "optimization", choices=SCHEDULES)
     warmup_steps: int = _opt(0, "linear warmup steps", "optimization")
     min_lr_ratio: float = _opt(0.0, "the schedule ends at lr * this", "optimization")
-    batch_size: int = _opt(8, "examples per micro-batch", "optimization")
+    batch_size: int = _opt(8, "examples per micro-batch (per rank under torchrun)", "optimization")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", "optimization")
     epochs: float = _opt(1.0, "passes over the training data (fractions allowed)", "optimization")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: use --epochs)", "optimization")
@@ -129,6 +139,8 @@ class TrainConfig:
                           "optimization", choices=PRECISIONS)
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (HF's, non-reentrant)",
                                         "optimization")
+    fsdp: bool = _opt(False, "under torchrun in LoRA mode: shard the model with FSDP2, for models that do not "
+                      "fit one GPU (full mode always shards)", "optimization")
     seed: int = _opt(0, "seed for weights init, data order, dropout", "optimization")
     # forgetting
     kd_weight: float = _opt(0.0, "LoRA LM tasks: weight of a distillation term against the base model "
@@ -214,6 +226,9 @@ class TrainConfig:
                 "has no base-model teacher")
         if self.freeze_layers and self.mode != "full":
             bad("freeze_layers applies to mode full (in LoRA mode the base weights are frozen already)")
+        if self.merge and self.fsdp:
+            bad("merge with fsdp: the sharded weights cannot be merged in place; run `lora-engine merge` "
+                "on the adapter afterwards")
         if self.merge and self.mode != "lora":
             bad("merge applies to mode lora (a full fine-tune already writes a plain model to model/)")
         if self.eval_split and self.eval_data:
@@ -489,9 +504,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy, number of targets). LM: logits (B, T, V) predict labels shifted by one
-    (-100 skipped); classification: logits (B, C), labels (B,)."""
+    (-100 skipped); classification: logits (B, C), labels (B,) (-100 skipped too)."""
     if task == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=D.IGNORE_INDEX, reduction="sum")
+        return loss, int((labels != D.IGNORE_INDEX).sum())
     targets = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                            ignore_index=D.IGNORE_INDEX, reduction="sum")
@@ -507,11 +523,27 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     return kl * temperature**2
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, examples: list[D.Example], task: str, pad_id: int, batch_size: int = 8,
              device: torch.device | str = "cpu", autocast=contextlib.nullcontext, before_batch=None):
     """eval_loss (mean over target tokens, or examples) plus eval_accuracy (classification) or
     eval_perplexity (LM), with the model in eval mode (restored to train mode after)."""
+    sums = eval_sums(model, examples, task, pad_id, batch_size, device, autocast, before_batch)
+    return eval_metrics(*sums, len(examples), task)
+
+
+def eval_metrics(loss_sum: float, n_sum: float, correct: float, n_examples: int, task: str) -> dict[str, float]:
+    metrics = {"eval_loss": loss_sum / max(1, n_sum)}
+    if task == "classification":
+        metrics["eval_accuracy"] = correct / n_examples
+    else:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+    return metrics
+
+
+@torch.no_grad()
+def eval_sums(model: nn.Module, examples: list[D.Example], task: str, pad_id: int, batch_size: int = 8,
+              device: torch.device | str = "cpu", autocast=contextlib.nullcontext, before_batch=None):
+    """(summed loss, targets, correct predictions) over `examples`; `masked` examples count nothing."""
     was_training = model.training
     model.eval()
     try:
@@ -529,12 +561,15 @@ def evaluate(model: nn.Module, examples: list[D.Example], task: str, pad_id: int
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
     finally:
         model.train(was_training)
-    metrics = {"eval_loss": loss_sum / max(1, n_sum)}
-    if task == "classification":
-        metrics["eval_accuracy"] = correct / len(examples)
-    else:
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
-    return metrics
+    return loss_sum, n_sum, correct
+
+
+def masked(example: D.Example) -> D.Example:
+    """A copy of `example` with every target ignored: it runs through the model (keeping ranks in
+    step, FSDP's all-gathers need every rank) but adds nothing to losses, counts or gradients."""
+    labels = [D.IGNORE_INDEX] * len(example.labels) if example.labels is not None else None
+    label = D.IGNORE_INDEX if example.label is not None else None
+    return D.Example(example.input_ids, labels, label, example.where)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -604,6 +639,43 @@ class _Interrupted(Exception):
     pass
 
 
+_LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B|modules_to_save)\.[^.]+\.(.*)$")
+
+
+def _adapter_keys(model: nn.Module) -> dict[str, str]:
+    """{key in the adapter file (PEFT layout): the live model's state_dict key} of the active adapter."""
+    out = {}
+    for key in lora_state_dict(model):
+        path, attr, rest = _LORA_KEY.match(key).groups()
+        out[f"base_model.model.{path}.{attr + '.' if attr != 'modules_to_save' else ''}{rest}"] = key
+    return out
+
+
+def _local_optimizer_state(state_dict: dict) -> dict:
+    """An optimizer state_dict with each DTensor replaced by this rank's shard, on CPU (to gather)."""
+    def plain(v):
+        return dist.local(v).detach().cpu() if torch.is_tensor(v) else v
+
+    return {**state_dict, "state": {k: {n: plain(v) for n, v in s.items()} for k, s in state_dict["state"].items()}}
+
+
+@torch.no_grad()
+def _dtensor_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
+    """After loading `_local_optimizer_state`: torch's optimizers keep DTensor states for DTensor
+    params (exp_avg...), so each shard shaped like its param's is made a DTensor again."""
+    from torch.distributed.tensor import DTensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not dist.is_dtensor(p):
+                continue
+            state = optimizer.state.get(p, {})
+            for name, v in state.items():
+                if torch.is_tensor(v) and not dist.is_dtensor(v) and v.shape == p.to_local().shape:
+                    state[name] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape,
+                                                     stride=p.stride(), run_check=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -614,8 +686,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
         self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if cfg.device == "auto" else cfg.device)
+        try:
+            self.world, self.device = dist.setup(cfg.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        # FSDP2 for full fine-tuning, and for LoRA when asked; else LoRA grads are all-reduced.
+        self.sharded = self.world.distributed and (cfg.mode == "full" or cfg.fsdp)
+        # FSDP2 averages gradients over ranks where we want their sum: scale the loss by the world
+        # size (a power of two in practice, so exact).
+        self._grad_scale = self.world.size if self.sharded else 1
+        if self.sharded and cfg.precision == "fp16-mixed":
+            raise ConfigError("fp16-mixed needs a GradScaler that knows FSDP's sharded gradients: use "
+                              "bf16-mixed or bf16 under torchrun with full mode or --fsdp")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r}: no CUDA GPU is visible (use --device cpu or auto)")
         self.output = Path(cfg.output)
@@ -632,13 +714,17 @@ class Trainer:
 
         self.n_replay = round(cfg.replay_fraction * cfg.batch_size) if self.data.replay else 0
         self.rows_per_batch = cfg.batch_size - self.n_replay
-        self.batches_per_epoch = D.batches_per_epoch(len(self.data.train), self.rows_per_batch)
+        # One micro-batch index covers world.size × rows_per_batch rows of the epoch's order.
+        self.batches_per_epoch = D.batches_per_epoch(len(self.data.train), self.rows_per_batch * self.world.size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
 
         torch.manual_seed(cfg.seed)  # the new head's and LoRA's initial weights
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = self._build_model()
+        if self.world.distributed:
+            # Each rank draws its own dropout masks (the weights above are the same on every rank).
+            torch.manual_seed(cfg.seed + 7_919 * self.world.rank)
         self.groups = param_groups(self.model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
         self.optimizer = make_optimizer(self.groups, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
@@ -705,6 +791,10 @@ class Trainer:
                 raise ConfigError(f"cannot add LoRA to {cfg.model}: {e}") from None
         elif cfg.freeze_layers:
             freeze_first_layers_(model, cfg.freeze_layers)
+        if self.sharded:
+            dist.shard_model_(model, torch.bfloat16 if cfg.precision == "bf16-mixed" else None)
+        elif self.world.distributed:
+            dist.broadcast_params_([p for p in model.parameters() if p.requires_grad])
         model.train()
         return model
 
@@ -715,15 +805,22 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------
 
     def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """Micro-batch `index` of the run: a pure function of (seed, index), so resume repeats it."""
+        """This rank's part of micro-batch `index`: a pure function of (seed, index, rank), so resume
+        repeats it. Rank r takes slice r of the index's world.size × rows_per_batch rows."""
         epoch, pos = divmod(index, self.batches_per_epoch)
         if self._order_cache is None or self._order_cache[0] != epoch:
             self._order_cache = (epoch, D.epoch_order(len(self.data.train), self.cfg.seed, epoch))
         order = self._order_cache[1]
-        rows = [self.data.train[i] for i in order[pos * self.rows_per_batch : (pos + 1) * self.rows_per_batch]]
+        start = (pos * self.world.size + self.world.rank) * self.rows_per_batch
+        rows = [self.data.train[i] for i in order[start : start + self.rows_per_batch]]
+        if not rows:
+            # The epoch's last, short micro-batch left nothing for this rank: run a row that counts
+            # nothing, so this rank's collectives stay in step with the others'.
+            rows = [masked(self.data.train[order[0]])]
         if self.n_replay:
             replay = self.data.replay
-            rows += [replay[i] for i in D.replay_rows(len(replay), self.n_replay, self.cfg.seed, index)]
+            which = index * self.world.size + self.world.rank  # its own replay rows on each rank
+            rows += [replay[i] for i in D.replay_rows(len(replay), self.n_replay, self.cfg.seed, which)]
         return {k: v.to(self.device) for k, v in D.collate(rows, self.pad_id).items()}
 
     def _autocast(self):
@@ -756,21 +853,24 @@ class Trainer:
         batches = [self._micro_batch(self.step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
         # Normalise by the step's total number of targets, so every target token (or example)
         # weighs the same however the micro-batches split them.
-        n_total = sum(self._count_targets(b) for b in batches)
+        # Under torchrun: the targets of all ranks, and the gradients summed over ranks.
+        n_total = int(dist.all_reduce_sum([sum(self._count_targets(b) for b in batches)], self.device)[0])
         loss_sum = kd_sum = 0.0
         for batch in batches:
             loss, kd, _ = self._forward(batch)
             objective = loss + cfg.kd_weight * kd if kd is not None else loss
-            self.scaler.scale(objective / max(1, n_total)).backward()
+            self.scaler.scale(objective * self._grad_scale / max(1, n_total)).backward()
             loss_sum += loss.item()
             kd_sum += kd.item() if kd is not None else 0.0
-        self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.world.distributed and not self.sharded:
+            dist.all_reduce_grads_(params)  # FSDP2 reduce-scatters in backward instead
+        self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
-            grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = float(grad_norm.full_tensor() if dist.is_dtensor(grad_norm) else grad_norm)
         lr = self.optimizer.param_groups[-1]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -779,6 +879,8 @@ class Trainer:
         self.step += 1
         self._rng_after_step = rng_state(self.device)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        if self.world.distributed:
+            loss_sum, kd_sum, tokens = dist.all_reduce_sum([loss_sum, kd_sum, tokens], self.device)
         seconds = time.perf_counter() - t0
         row = {"step": self.step, "epoch": round(self.step * cfg.grad_accum / self.batches_per_epoch, 4),
                "loss": (loss_sum + cfg.kd_weight * kd_sum) / max(1, n_total), "lr": lr, "grad_norm": grad_norm,
@@ -789,8 +891,8 @@ class Trainer:
         return row
 
     def _count_targets(self, batch) -> int:
-        labels = batch["labels"]
-        return labels.numel() if self.task == "classification" else int((labels[:, 1:] != D.IGNORE_INDEX).sum())
+        labels = batch["labels"] if self.task == "classification" else batch["labels"][:, 1:]
+        return int((labels != D.IGNORE_INDEX).sum())
 
     # -- eval -----------------------------------------------------------------------------------
 
@@ -805,8 +907,17 @@ class Trainer:
             if self._stop_requested:
                 raise _Interrupted
 
-        return evaluate(self.model, examples, self.task, self.pad_id, self.cfg.batch_size, self.device,
-                        self._autocast, check_stop)
+        if not self.world.distributed:
+            return evaluate(self.model, examples, self.task, self.pad_id, self.cfg.batch_size, self.device,
+                            self._autocast, check_stop)
+        # Rank r evaluates examples r, r + N, ...; every rank runs as many batches (padded with rows
+        # that count nothing, for FSDP's all-gathers), and the sums are added over ranks. Ctrl-C is
+        # only honoured between steps here, where all ranks agree on it.
+        size, rank = self.world.size, self.world.rank
+        mine = examples[rank::size]
+        mine += [masked(examples[0])] * (math.ceil(len(examples) / size) - len(mine))
+        sums = eval_sums(self.model, mine, self.task, self.pad_id, self.cfg.batch_size, self.device, self._autocast)
+        return eval_metrics(*dist.all_reduce_sum(list(sums), self.device), len(examples), self.task)
 
     def _metric(self, metrics: dict[str, float]) -> float:
         """The early-stopping score, higher is better: accuracy, or minus the eval loss."""
@@ -818,24 +929,46 @@ class Trainer:
         if self.best is None or score > self.best[0]:
             self.best = (score, self.step, metrics)
             self.bad_evals = 0
-            with atomic_dir(self.output / f"best-{self.step:06d}") as tmp:
+            with self._atomic_dir(self.output / f"best-{self.step:06d}") as tmp:
                 self._save_weights(tmp)
             self._drop_best_dirs(keep={self.step, self._checkpoint_best})
+            dist.barrier()
             return False
         self.bad_evals += 1
         return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def _save_weights(self, directory: Path) -> None:
-        if self.cfg.mode == "lora":
+    def _atomic_dir(self, target: Path):
+        """atomic_dir on rank 0; elsewhere yields None (those ranks join the gathers, write nothing)."""
+        return atomic_dir(target) if self.world.main else contextlib.nullcontext()
+
+    def _save_weights(self, directory: Path | None) -> None:
+        """Writes the weights to `directory` (None: on ranks other than 0, which only help gather)."""
+        if self.sharded:
+            if self.cfg.mode == "lora":  # the LoRA tensors are small: gather them whole on every rank
+                with dist.full_params(self.model, lora_parameters(self.model)):
+                    if directory is not None:
+                        save_adapter(self.model, directory)
+            else:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+                if directory is not None:
+                    self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        elif directory is None:
+            return
+        elif self.cfg.mode == "lora":
             save_adapter(self.model, directory)
         else:
             self.model.save_pretrained(directory, safe_serialization=True)
 
     def _load_weights(self, directory: Path) -> None:
         """Puts the weights saved in `directory` into the live model (exactly, no rounding)."""
-        if self.cfg.mode == "lora":
+        if self.sharded:
+            self._load_sharded_weights(directory)
+        elif self.cfg.mode == "lora":
             unpatch_model(self.model, merge=False)
             load_adapter(self.model, directory)
         else:
@@ -843,37 +976,73 @@ class Trainer:
             self.model.load_state_dict(saved.state_dict())
             del saved
 
+    def _load_sharded_weights(self, directory: Path) -> None:
+        """FSDP2: every rank reads the saved full tensors and keeps its shard of each; in LoRA mode
+        the adapter's file keys are mapped onto the live (sharded) LoRA parameters."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        files = sorted(directory.glob("*.safetensors"))
+        tensors = {k: v for f in files for k, v in load_file(f).items()}
+        if self.cfg.mode == "lora":
+            tensors = {model_key: tensors[file_key] for file_key, model_key in _adapter_keys(self.model).items()}
+        result = set_model_state_dict(self.model, tensors, options=StateDictOptions(full_state_dict=True,
+                                                                                    strict=False))
+        unexpected = list(result.unexpected_keys)
+        if unexpected:
+            raise ConfigError(f"{directory} holds weights the model does not have: {unexpected[:5]}")
+
     def save_checkpoint(self) -> Path:
         """Writes checkpoint-<step>/ atomically (weights + trainer state), then drops older ones."""
         target = self.output / f"checkpoint-{self.step:06d}"
-        with atomic_dir(target) as tmp:
+        optimizer = self.optimizer.state_dict()
+        # Under torchrun rank 0 writes what each rank needs to resume: its RNG, and with FSDP2 its
+        # shard of the optimizer states (LoRA's replicated states are rank 0's).
+        ranks = None
+        if self.world.distributed:
+            mine = {"rng": self._rng_after_step}
+            if self.sharded:
+                mine["optimizer"] = _local_optimizer_state(optimizer)
+            ranks = dist.gather_to_main(mine)
+            optimizer = None if self.sharded else optimizer
+        with self._atomic_dir(target) as tmp:
             self._save_weights(tmp)
-            torch.save({
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": self._rng_after_step,
-                "best": self.best,
-                "bad_evals": self.bad_evals,
-                "last_eval": self.last_eval,
-                "config": self.cfg.to_dict(),
-            }, tmp / STATE_FILE)
-        for old in _checkpoints(self.output):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+            if tmp is not None:
+                torch.save({
+                    "step": self.step,
+                    "optimizer": optimizer,
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": self._rng_after_step,
+                    "ranks": ranks,
+                    "world_size": self.world.size,
+                    "best": self.best,
+                    "bad_evals": self.bad_evals,
+                    "last_eval": self.last_eval,
+                    "config": self.cfg.to_dict(),
+                }, tmp / STATE_FILE)
+        if self.world.main:
+            for old in _checkpoints(self.output):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
         # The checkpoint's best weights must outlive later bests, in case we resume from it.
         self._checkpoint_best = self.best[1] if self.best else None
         self._drop_best_dirs(keep={self._checkpoint_best})
+        dist.barrier()  # no rank reads a checkpoint before it is whole
         return target
 
     def _drop_best_dirs(self, keep: set[int | None]) -> None:
+        if not self.world.main:
+            return
         for step, path in _best_dirs(self.output).items():
             if step not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _load_checkpoint(self, directory: Path) -> None:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != self.world.size:
+            raise ConfigError(f"{directory} was written by {state.get('world_size', 1)} processes; resume it "
+                              f"with as many (torchrun --nproc-per-node), not {self.world.size}")
         saved, now = state["config"], self.cfg.to_dict()
         changed = [k for k in now if k not in _RESUMABLE and saved.get(k) != now[k]]
         if changed:
@@ -881,24 +1050,32 @@ class Trainer:
             raise ConfigError(f"--resume with options that differ from the checkpoint's ({diffs}); "
                               "resume with the same options, or start over with --overwrite")
         self._load_weights(directory)
-        if self.cfg.mode == "lora":
+        if self.cfg.mode == "lora" and not self.sharded:
             # load_adapter made new LoRA parameters: the optimizer must point at them.
             self.groups = param_groups(self.model, self.cfg.lr, self.cfg.weight_decay, self.cfg.layer_lr_decay)
             self.optimizer = make_optimizer(self.groups, self.cfg)
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0])
-        self.optimizer.load_state_dict(state["optimizer"])
+        mine = state["ranks"][self.world.rank] if self.world.distributed else {"rng": state["rng"]}
+        if self.sharded:
+            self.optimizer.load_state_dict(mine["optimizer"])
+            if not isinstance(self.optimizer, AdamW8bit):  # AdamW8bit keeps plain per-shard states
+                _dtensor_optimizer_state_(self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         self._checkpoint_best = self.best[1] if self.best else None
         self.last_eval = state["last_eval"]
-        self._rng_after_step = state["rng"]
-        set_rng_state(state["rng"], self.device)
+        self._rng_after_step = mine["rng"]
+        set_rng_state(mine["rng"], self.device)
         self.model.train()
 
     # -- output ---------------------------------------------------------------------------------
 
     def _prepare_output(self) -> None:
+        if not self.world.main:
+            return
         out = self.output
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp-*"):  # left by a killed process
@@ -925,6 +1102,8 @@ class Trainer:
         write_text_atomic(path, "".join(kept))
 
     def _log(self, row: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
         with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -934,18 +1113,21 @@ class Trainer:
         if self.best is not None and self.best[1] != self.step:
             self._load_weights(out / f"best-{self.best[1]:06d}")
         final = out / ("adapter" if cfg.mode == "lora" else "model")
-        with atomic_dir(final) as tmp:
+        with self._atomic_dir(final) as tmp:
             self._save_weights(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            if tmp is not None:
+                self.tokenizer.save_pretrained(tmp)
         summary = {"steps": self.step, "final": str(final)}
         if self.best is not None:  # the final weights are the best eval's: report its metrics
             summary.update({"best_step": self.best[1], **self.best[2]})
-        if cfg.merge:
-            merged = unpatch_model(self.model, merge=True)
-            with atomic_dir(out / "merged") as tmp:
-                merged.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+        if cfg.merge:  # never sharded (validate refuses merge with fsdp; full mode does not merge)
+            if self.world.main:
+                merged = unpatch_model(self.model, merge=True)
+                with atomic_dir(out / "merged") as tmp:
+                    merged.save_pretrained(tmp, safe_serialization=True)
+                    self.tokenizer.save_pretrained(tmp)
             summary["merged"] = str(out / "merged")
+        dist.barrier()
         return summary
 
     # -- the loop -------------------------------------------------------------------------------
@@ -959,17 +1141,19 @@ class Trainer:
         Running out of accelerator memory raises OutOfMemory, saying what to lower.
         """
         cfg = self.cfg
+        dist.barrier()  # every rank has checked --output (in __init__) before rank 0 writes to it
         self._prepare_output()
         self._write_data_note()
         previous_handler = self._catch_sigint()
+        show = cfg.progress and self.world.main
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+                   disable=not show, dynamic_ncols=True, file=sys.stderr)
         try:
             if cfg.eval_before and self.step == 0 and self.data.eval:
                 self._eval_and_log(bar)
             stop = False
             while self.step < self.total_steps and not stop:
-                if self._stop_requested:
+                if self._stop_agreed():
                     raise _Interrupted
                 row = self._train_step()
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -979,7 +1163,7 @@ class Trainer:
                                 mem=f"{row['peak_mem_mb']:.0f}MB")
                 if self.data.eval and cfg.eval_every and self.step % cfg.eval_every == 0:
                     stop = self._eval_and_log(bar)
-                    if stop and cfg.progress:
+                    if stop and show:
                         bar.write(f"early stop: no better eval in {cfg.patience} evals "
                                   f"(best at step {self.best[1]})")
                 if cfg.save_every and self.step % cfg.save_every == 0 and not stop:
@@ -990,8 +1174,9 @@ class Trainer:
         except _Interrupted:
             bar.close()
             where = self.save_checkpoint()
-            print(f"\ninterrupted: checkpoint saved to {where} (step {self.step}); "
-                  f"run again with --resume to continue", file=sys.stderr)
+            if self.world.main:
+                print(f"\ninterrupted: checkpoint saved to {where} (step {self.step}); "
+                      f"run again with --resume to continue", file=sys.stderr)
             raise KeyboardInterrupt from None
         except torch.OutOfMemoryError:
             raise OutOfMemory(
@@ -1010,7 +1195,7 @@ class Trainer:
         evals = self.evaluate()
         self.last_eval = (self.step, evals)
         self._log({"step": self.step, **evals})
-        if self.cfg.progress:
+        if self.cfg.progress and self.world.main:
             bar.write(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items()))
         return self._after_eval(evals)
 
@@ -1023,9 +1208,17 @@ class Trainer:
             parts.append(f"{len(d.replay)} replay ({self.n_replay} per batch)")
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        if self.cfg.progress:
+        if self.cfg.progress and self.world.main:
+            ranks = f" × {self.world.size} ranks ({'FSDP2' if self.sharded else 'LoRA grads all-reduced'})"
             print(f"{self.task}, {self.cfg.mode}: {', '.join(parts)} examples; {trainable:,} of {total:,} "
-                  f"parameters train; {self.total_steps} steps on {self.device}", file=sys.stderr)
+                  f"parameters train; {self.total_steps} steps on {self.device}"
+                  f"{ranks if self.world.distributed else ''}", file=sys.stderr)
+
+    def _stop_agreed(self) -> bool:
+        """Ctrl-C reaches the ranks at different moments: stop when any rank has seen it, all at once."""
+        if not self.world.distributed:
+            return self._stop_requested
+        return dist.all_reduce_max(float(self._stop_requested), self.device) > 0
 
     def _catch_sigint(self):
         if threading.current_thread() is not threading.main_thread():
