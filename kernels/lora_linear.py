@@ -8,7 +8,9 @@ Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of d
                                                      cuBLAS adds dy W onto it; or gemm_lora fused)
 
 The dropout mask is Philox (`tl.randint4x`, one call per 8 consecutive elements of a row) keyed by
-a seed and the element's (row, column), so backward regenerates it instead of storing it.
+a seed and the element's (row, column), so backward regenerates it instead of storing it. The seed
+is a (1,) int64 device tensor the kernels load, so drawing it needs no host sync (nor a graph break
+under torch.compile).
 `keep = bits16 >= round(p · 2**16)`: an integer test, reproduced bit-for-bit by the torch reference.
 
 Reductions across programs (dB, db, g when N is split, dA when M is split) go through fp32
@@ -80,7 +82,7 @@ def _gemm_lora_kernel(
     M, N, K, R, m_bucket,
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cr, stride_dn, stride_dr,
     stride_om, stride_on,
-    scale, seed, threshold,
+    scale, seed_ptr, threshold,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -130,6 +132,7 @@ def _gemm_lora_kernel(
             c = c.to(dt.dtype)
         lora = tl.dot(c, dt, input_precision=PRECISION)
         if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
             lora = tl.where(_keep_mask(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, N, threshold), lora, 0.0)
         acc += scale * lora
     if HAS_BIAS:
@@ -162,7 +165,7 @@ def _lora_down_kernel(
     x_ptr, a_ptr, out_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
-    scale, seed, threshold,
+    scale, seed_ptr, threshold,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -174,6 +177,8 @@ def _lora_down_kernel(
     mask_m = offs_m < M
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < K
@@ -241,7 +246,7 @@ def _lora_grad_a_kernel(
     g_ptr, x_ptr, da_ptr, a_ptr, dx_ptr,
     M, K, R, m_per_split,
     stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    scale, seed, threshold,
+    scale, seed_ptr, threshold,
     HAS_DROPOUT: tl.constexpr, HAS_DX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -260,6 +265,8 @@ def _lora_grad_a_kernel(
         if UPCAST:
             a = a.to(tl.float32)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     m_start = pid_s * m_per_split
     m_end = min(m_start + m_per_split, M)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -319,7 +326,8 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     """out = a · bᵀ (+ bias) + scale · mask ⊙ (c · dᵀ).
 
     a: (M, K), b: (N, K), bias: (N,) or None, c: (M, R) or None, d: (N, R); any strides.
-    mask_seed: when given, the LoRA term is multiplied by the keep-mask of an (M, N) tensor.
+    mask_seed: a (1,) int64 tensor on the device (read in-kernel: no host sync); when given, the LoRA
+    term is multiplied by the keep-mask of an (M, N) tensor.
     Returns a new contiguous (M, N) tensor of out_dtype.
     """
     M, K = a.shape
@@ -336,7 +344,7 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
         M, N, K, R, triton.next_power_of_2(M),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_.stride(0), c_.stride(1),
         d_.stride(0), d_.stride(1), out.stride(0), out.stride(1),
-        float(scale), mask_seed if mask_seed is not None else 0, threshold,
+        float(scale), mask_seed if mask_seed is not None else out, threshold,
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=mask_seed is not None,
         UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R), **config,
     )
@@ -358,7 +366,7 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0):
     _lora_down_kernel[(triton.cdiv(M, block_m),)](
         x, lora_a, out, M, K, R,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
-        float(scale), mask_seed if mask_seed is not None else 0, threshold,
+        float(scale), mask_seed if mask_seed is not None else out, threshold,
         HAS_DROPOUT=mask_seed is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=4, num_stages=3,
@@ -415,7 +423,7 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
         g, x, da, a_, dx_, M, K, R, m_per_split,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), a_.stride(0), a_.stride(1),
         dx_.stride(0), dx_.stride(1),
-        float(scale), mask_seed if mask_seed is not None else 0, threshold,
+        float(scale), mask_seed if mask_seed is not None else da, threshold,
         HAS_DROPOUT=mask_seed is not None, HAS_DX=has_dx, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=warps, num_stages=3,

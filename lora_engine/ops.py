@@ -74,7 +74,13 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
 
 def draw_dropout_seed() -> int:
     """A dropout seed from torch's default generator, so `torch.manual_seed` repeats a run."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int(_draw_seed_tensor().item())
+
+
+def _draw_seed_tensor() -> torch.Tensor:
+    """The same draw as `draw_dropout_seed`, kept as a (1,) int64 CPU tensor: no `.item()`, so
+    `torch.compile` traces it without a graph break."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
 
 
 # How the frozen base GEMM runs inside `lora_linear`:
@@ -157,7 +163,7 @@ def lora_linear_reference(
 
 class LoRALinearFunction(torch.autograd.Function):
     """Fused LoRA linear. Saves x (as given, no copy) and xa = scaling · dropout(x)·Aᵀ of shape
-    (M, r); the dropout mask is regenerated in backward from its seed."""
+    (M, r); the dropout mask is regenerated in backward from its seed, a (1,) int64 device tensor."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -252,9 +258,12 @@ def lora_linear(
             f"x is {x.dtype} but the base weight is {weight.dtype}: cast the input (or the model) "
             "so they match, or run under torch.autocast"
         )
-    seed = draw_dropout_seed() if (training and dropout_p > 0.0) else None
+    seed = _draw_seed_tensor() if (training and dropout_p > 0.0) else None
     if not kernels_available(x):
-        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, seed)
+        int_seed = int(seed.item()) if seed is not None else None
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, int_seed)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    if seed is not None:
+        seed = seed.to(x.device, non_blocking=True)
     return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)

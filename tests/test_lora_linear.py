@@ -212,3 +212,13 @@ def test_gpu_against_fp64(dtype, shape, p, base_gemm):
     _poison_cache()
     outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=p)
     assert_close(outs, refs, TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_compiles_without_graph_break_with_dropout():
+    """The dropout seed is a device tensor read in-kernel: no `.item()`, so fullgraph compiles."""
+    x, w, b, a, bb = make_inputs((64,), 128, 96, 8, torch.bfloat16, device="cuda", lora_dtype=torch.float32)
+    fn = torch.compile(lambda x_: lora_linear(x_, w, b, a, bb, 2.0, 0.1, True), fullgraph=True)
+    y = fn(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and a.grad is not None and torch.isfinite(a.grad).all()
