@@ -157,7 +157,13 @@ def _adapter_config(adapter: Path) -> dict:
     file = adapter / CONFIG_NAME
     if not file.is_file():
         raise ConfigError(f"{adapter} is not an adapter directory (no {CONFIG_NAME})")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file}: not a valid adapter config, not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: not a valid adapter config, expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _head_labels(adapter: Path) -> int | None:
@@ -189,8 +195,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     adapter, out = Path(args.adapter), Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
-    model, _, tokenizer_dir = _load_with_adapter(args.base, adapter, None)
+    model, task, tokenizer_dir = _load_with_adapter(args.base, adapter, None)
     tokenizer = load_tokenizer(str(tokenizer_dir))
+    if task == "classification" and model.config.pad_token_id is None:
+        # Decoder classifiers pool the last non-pad token, so plain transformers needs the pad id for
+        # batches > 1. It is the tokenizer's, as in training: the one saved beside the adapter (else
+        # the base model's), with load_tokenizer's EOS fallback, which is the tokenizer saved below.
+        model.config.pad_token_id = tokenizer.pad_token_id
     unpatch_model(model, merge=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:

@@ -612,6 +612,19 @@ def atomic_dir(target: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _clean_stale(directory: Path) -> None:
+    """Removes what a killed atomic_dir / write_text_atomic left: temporaries, and an old version
+    set aside (put back where the new one never arrived, so the target is never lost)."""
+    for stale in directory.glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    for old in directory.glob(".*.old-*"):
+        target = directory / old.name[1:].rsplit(".old-", 1)[0]
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text, encoding="utf-8")
@@ -631,8 +644,9 @@ def _best_dirs(output: Path) -> dict[int, Path]:
 
 
 # Options that may change between a run and its --resume without changing the math of the steps.
+# Not eval_split (it decides which rows train) nor eval_data (the evals pick the best weights).
 _RESUMABLE = {"resume", "overwrite", "merge", "progress", "log_every", "eval_every", "save_every",
-              "patience", "max_steps", "epochs", "output", "device", "eval_data", "eval_split", "eval_before"}
+              "patience", "max_steps", "epochs", "output", "device", "eval_before"}
 
 
 class _Interrupted(Exception):
@@ -733,6 +747,8 @@ class Trainer:
         self.step = 0
         self.best: tuple[float, int, dict] | None = None  # (score, step, eval metrics)
         self.bad_evals = 0
+        self.early_stopped = False  # saved in checkpoints: a resumed early-stopped run is finished
+        self._made_output = False  # train() created --output (removed again if it fails before a checkpoint)
         self._checkpoint_best: int | None = None  # step of the best weights the last checkpoint refers to
         self.last_eval: tuple[int | None, dict[str, float]] = (None, {})  # (step, metrics)
         self._rng_after_step = rng_state(self.device)
@@ -1018,6 +1034,7 @@ class Trainer:
                     "world_size": self.world.size,
                     "best": self.best,
                     "bad_evals": self.bad_evals,
+                    "early_stopped": self.early_stopped,
                     "last_eval": self.last_eval,
                     "config": self.cfg.to_dict(),
                 }, tmp / STATE_FILE)
@@ -1067,6 +1084,7 @@ class Trainer:
         self.step, self.best, self.bad_evals = state["step"], state["best"], state["bad_evals"]
         self._checkpoint_best = self.best[1] if self.best else None
         self.last_eval = state["last_eval"]
+        self.early_stopped = state.get("early_stopped", False)
         self._rng_after_step = mine["rng"]
         set_rng_state(mine["rng"], self.device)
         self.model.train()
@@ -1077,9 +1095,9 @@ class Trainer:
         if not self.world.main:
             return
         out = self.output
+        self._made_output = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp-*"):  # left by a killed process
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        _clean_stale(out)
         if self._resume_from is None:
             if self.cfg.overwrite:
                 for p in _checkpoints(out) + [out / n for n in _RUN_FILES] + list(_best_dirs(out).values()):
@@ -1112,23 +1130,46 @@ class Trainer:
         cfg, out = self.cfg, self.output
         if self.best is not None and self.best[1] != self.step:
             self._load_weights(out / f"best-{self.best[1]:06d}")
-        final = out / ("adapter" if cfg.mode == "lora" else "model")
-        with self._atomic_dir(final) as tmp:
+        with self._atomic_dir(self._final_dir()) as tmp:
             self._save_weights(tmp)
             if tmp is not None:
                 self.tokenizer.save_pretrained(tmp)
-        summary = {"steps": self.step, "final": str(final)}
+        if cfg.merge and self.world.main:  # never sharded (validate refuses merge with fsdp; full mode does not merge)
+            merged = unpatch_model(self.model, merge=True)
+            with atomic_dir(out / "merged") as tmp:
+                merged.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        dist.barrier()
+        return self._summary()
+
+    def _final_dir(self) -> Path:
+        return self.output / ("adapter" if self.cfg.mode == "lora" else "model")
+
+    def _summary(self) -> dict[str, Any]:
+        summary = {"steps": self.step, "final": str(self._final_dir())}
         if self.best is not None:  # the final weights are the best eval's: report its metrics
             summary.update({"best_step": self.best[1], **self.best[2]})
-        if cfg.merge:  # never sharded (validate refuses merge with fsdp; full mode does not merge)
-            if self.world.main:
-                merged = unpatch_model(self.model, merge=True)
-                with atomic_dir(out / "merged") as tmp:
-                    merged.save_pretrained(tmp, safe_serialization=True)
-                    self.tokenizer.save_pretrained(tmp)
-            summary["merged"] = str(out / "merged")
-        dist.barrier()
+        if self.cfg.merge:
+            summary["merged"] = str(self.output / "merged")
         return summary
+
+    def _finished(self) -> bool:
+        """Nothing left to train: early-stopped, or every step done and the final eval logged."""
+        done = self.step >= self.total_steps and not (self.data.eval and self.last_eval[0] != self.step)
+        return self.early_stopped or done
+
+    def _discard_failed_start(self) -> None:
+        """A fresh run that fails before its first checkpoint leaves nothing behind: it is no run to
+        resume, and its files would only make the next attempt ask for --overwrite."""
+        out = self.output
+        if not self.world.main or self._resume_from is not None or not out.is_dir() or _checkpoints(out):
+            return
+        for p in [out / n for n in _RUN_FILES] + list(_best_dirs(out).values()):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        _clean_stale(out)
+        if self._made_output:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -1138,8 +1179,27 @@ class Trainer:
 
         Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and raises KeyboardInterrupt;
         a second Ctrl-C stops at once (the last checkpoint written stays the one to resume from).
-        Running out of accelerator memory raises OutOfMemory, saying what to lower.
+        Running out of accelerator memory raises OutOfMemory, saying what to lower. A fresh run that
+        fails before its first checkpoint removes the files it wrote. Resuming a finished run (all
+        steps done, or early-stopped) says so and changes nothing.
         """
+        if self._resume_from is not None and self._finished():
+            final, merged = self._final_dir(), self.output / "merged"
+            if not final.is_dir() or (self.cfg.merge and not merged.is_dir()):
+                return self._finish()  # finished, but stopped before writing the final weights
+            if self.world.main:
+                why = (f"it stopped early at step {self.step}, after {self.bad_evals} evals without improvement"
+                       if self.early_stopped else f"all {self.total_steps} steps are done; raise --max-steps or "
+                       "--epochs to train further")
+                print(f"{self.output} holds a finished run ({why}): nothing to do", file=sys.stderr)
+            return self._summary()
+        try:
+            return self._train()
+        except BaseException:
+            self._discard_failed_start()
+            raise
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.cfg
         dist.barrier()  # every rank has checked --output (in __init__) before rank 0 writes to it
         self._prepare_output()
@@ -1152,6 +1212,8 @@ class Trainer:
             if cfg.eval_before and self.step == 0 and self.data.eval:
                 self._eval_and_log(bar)
             stop = False
+            if self.step and self._eval_due():  # Ctrl-C cut this step's eval short: the checkpoint is at
+                stop = self._evals_and_saves(bar)  # this step, so finish its bookkeeping as an unbroken run
             while self.step < self.total_steps and not stop:
                 if self._stop_agreed():
                     raise _Interrupted
@@ -1161,13 +1223,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
                                 mem=f"{row['peak_mem_mb']:.0f}MB")
-                if self.data.eval and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    stop = self._eval_and_log(bar)
-                    if stop and show:
-                        bar.write(f"early stop: no better eval in {cfg.patience} evals "
-                                  f"(best at step {self.best[1]})")
-                if cfg.save_every and self.step % cfg.save_every == 0 and not stop:
-                    self.save_checkpoint()
+                stop = self._evals_and_saves(bar)
             if self.data.eval and self.last_eval[0] != self.step:
                 self._eval_and_log(bar)
             self.save_checkpoint()
@@ -1189,6 +1245,22 @@ class Trainer:
             bar.close()
             self._restore_sigint(previous_handler)
         return self._finish()
+
+    def _eval_due(self) -> bool:
+        """This step is an eval_every step whose eval has not been logged."""
+        every = self.cfg.eval_every
+        return bool(self.data.eval and every and self.step % every == 0 and self.last_eval[0] != self.step)
+
+    def _evals_and_saves(self, bar) -> bool:
+        """After a step: its eval (every eval_every) and checkpoint (every save_every); True: early stop."""
+        cfg, stop = self.cfg, False
+        if self._eval_due():
+            stop = self.early_stopped = self._eval_and_log(bar)
+            if stop and cfg.progress and self.world.main:
+                bar.write(f"early stop: no better eval in {cfg.patience} evals (best at step {self.best[1]})")
+        if cfg.save_every and self.step % cfg.save_every == 0 and not stop:
+            self.save_checkpoint()
+        return stop
 
     def _eval_and_log(self, bar) -> bool:
         """Evaluates, logs the eval row, tracks the best; True when early stopping says stop."""

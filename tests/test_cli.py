@@ -153,6 +153,52 @@ def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(tmp_path, capsy
     assert not out.exists()
 
 
+def test_merge_of_a_decoder_classifier_sets_the_pad_token(tmp_path, capsys):
+    llama = Path(make_model(tmp_path / "llama", "llama"))
+    config = json.loads((llama / "config.json").read_text())
+    config.pop("pad_token_id")
+    (llama / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "cls.jsonl", cls_rows(8))
+    out = tmp_path / "out"
+    assert run(capsys, "train", "--model", llama, "--data", data, "--max-steps", 1, "--output", out,
+               "--no-progress")[0] == 0
+    code, _, stderr = run(capsys, "merge", out / "adapter", "--base", llama, "--out", tmp_path / "merged")
+    assert code == 0, stderr
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert model.config.pad_token_id == 0  # the tokenizer's [PAD], saved beside the adapter
+    with torch.no_grad():  # plain transformers pools the last non-pad token: needs the pad id for 2 rows
+        assert model(input_ids=torch.tensor([[45, 6, 7], [48, 9, 0]])).logits.shape == (2, 2)
+
+
+def test_corrupt_adapter_config_names_the_file(tmp_path, capsys, bert):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{oops")
+    data = write_jsonl(tmp_path / "cls.jsonl", cls_rows(4))
+    for argv in (["merge", adapter, "--base", bert, "--out", tmp_path / "m"],
+                 ["eval", "--model", bert, "--adapter", adapter, "--data", data]):
+        code, _, stderr = run(capsys, *argv)
+        assert code == 2 and f"{adapter / 'adapter_config.json'}: not a valid adapter config, not JSON (" in stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_out_of_memory_before_a_checkpoint_then_the_advice_works(tmp_path, capsys, monkeypatch, gpt2):
+    data = write_jsonl(tmp_path / "lm.jsonl", lm_rows(8))
+    flags = ["train", "--model", gpt2, "--data", data, "--mode", "full", "--max-steps", 2,
+             "--output", tmp_path / "out", "--no-progress"]
+
+    def oom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(cli.Trainer, "_forward", oom)
+        code, _, stderr = run(capsys, *flags)
+    assert code == 1 and "lower --batch-size" in stderr
+    assert not (tmp_path / "out").exists()
+    code, _, stderr = run(capsys, *flags, "--batch-size", 2)
+    assert code == 0, stderr
+
+
 def test_existing_checkpoint_needs_overwrite(tmp_path, capsys, gpt2):
     data = write_jsonl(tmp_path / "lm.jsonl", lm_rows(8))
     flags = ["train", "--model", gpt2, "--data", data, "--mode", "full", "--max-steps", 1,

@@ -49,6 +49,13 @@ def test_non_object_line_names_file_and_line(tmp_path):
         D.read_jsonl(path)
 
 
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(D.DataError, match=rf"{path}:2: not valid UTF-8 \(byte 0xe9 at column 14"):
+        D.read_jsonl(path)
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(D.DataError, match="does not exist"):
         D.read_jsonl(tmp_path / "nope.jsonl")

@@ -289,6 +289,34 @@ def test_ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_run(tmp_path, t
     _same_rows(metrics(out), metrics(straight.output))
 
 
+def test_ctrl_c_in_the_step_before_an_eval_keeps_that_eval(tmp_path, tiny, monkeypatch):
+    # Ctrl-C during step 4 is seen by the eval at step 4, which stops before its row is logged: the
+    # checkpoint is at step 4, so the resumed run must still run (and log, and track) that eval.
+    kw = dict(mode="lora", max_steps=6, batch_size=4, eval_every=2, seed=3, eval_split=0.2)
+    rows = lm_rows(24)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = config(tmp_path / "a", tiny["llama"], rows, output=str(tmp_path / "a" / "out"), **kw)
+    Trainer(straight).train()
+    cut = config(tmp_path / "b", tiny["llama"], rows, output=str(tmp_path / "b" / "out"), **kw)
+    trainer = Trainer(cut)
+    real_step = trainer._train_step
+
+    def step_then_ctrl_c():
+        row = real_step()
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return row
+
+    monkeypatch.setattr(trainer, "_train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert [p.name for p in Path(cut.output).glob("checkpoint-*")] == ["checkpoint-000004"]
+    Trainer(TrainConfig(**{**cut.to_dict(), "resume": True})).train()
+    assert [r["step"] for r in metrics(cut.output) if "eval_loss" in r] == [2, 4, 6]
+    _same_rows(metrics(cut.output), metrics(straight.output))
+
+
 def _same_rows(a: list[dict], b: list[dict]) -> bool:
     """Same rows, same losses and eval metrics bit for bit (timings and memory may differ)."""
     timing = {"tokens_per_s", "peak_mem_mb"}
@@ -335,6 +363,12 @@ def test_resume_refuses_changed_options(tmp_path, tiny):
     Trainer(cfg).train()
     with pytest.raises(ConfigError, match=r"differ from the checkpoint's \(lr: 0.01 -> 0.5\)"):
         Trainer(TrainConfig(**{**cfg.to_dict(), "resume": True, "lr": 0.5}))
+    # eval_split decides which rows train, eval_data which weights are kept: neither may change.
+    with pytest.raises(ConfigError, match=r"differ from the checkpoint's \(eval_split: 0.0 -> 0.5\)"):
+        Trainer(TrainConfig(**{**cfg.to_dict(), "resume": True, "eval_split": 0.5}))
+    held = write_jsonl(tmp_path / "eval.jsonl", lm_rows(4, seed=1))
+    with pytest.raises(ConfigError, match=rf"differ from the checkpoint's \(eval_data: None -> '{held}'\)"):
+        Trainer(TrainConfig(**{**cfg.to_dict(), "resume": True, "eval_data": held}))
     # A finished run resumes to a no-op (no duplicate rows).
     before = metrics(cfg.output)
     Trainer(TrainConfig(**{**cfg.to_dict(), "resume": True})).train()
@@ -373,6 +407,65 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, tiny, monkeypatch):
     assert final.keys() == best.keys()
     assert all(torch.equal(final[k], best[k]) for k in final)
     assert not all(torch.equal(final[k], last[k]) for k in final)  # the last step's weights differ
+
+
+def test_resuming_an_early_stopped_run_changes_nothing(tmp_path, tiny, monkeypatch, capsys):
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", cls_rows(8, seed=2))
+    cfg = config(tmp_path, tiny["bert"], cls_rows(32), eval_data=eval_file, targets=["query"], max_steps=20,
+                 batch_size=4, eval_every=2, patience=1)
+    trainer = Trainer(cfg)
+    scripted = iter([0.75, 0.5])  # best at step 2, worse at 4: stop
+
+    monkeypatch.setattr(trainer, "evaluate", lambda examples=None: {"eval_loss": 1.0, "eval_accuracy": next(scripted)})
+    assert trainer.train()["steps"] == 4
+    out = Path(cfg.output)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    summary = Trainer(TrainConfig(**{**cfg.to_dict(), "resume": True})).train()
+    assert summary["steps"] == 4 and summary["best_step"] == 2 and summary["eval_accuracy"] == 0.75
+    assert "holds a finished run (it stopped early at step 4" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, tiny, monkeypatch):
+    cfg = config(tmp_path, tiny["gpt2"], lm_rows(8), mode="full", max_steps=2, eval_split=0.25, eval_before=True)
+
+    def oom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_forward", oom)
+        with pytest.raises(OutOfMemory):
+            Trainer(cfg).train()
+        assert not Path(cfg.output).exists()  # it made the directory, so it removes it
+        Path(cfg.output).mkdir()  # a directory the user made stays, emptied of this run's files
+        with pytest.raises(OutOfMemory):
+            Trainer(cfg).train()
+        assert list(Path(cfg.output).iterdir()) == []
+    # Neither --overwrite nor --resume is needed to try again (with the advice followed).
+    assert Trainer(TrainConfig(**{**cfg.to_dict(), "batch_size": 2})).train()["steps"] == 2
+
+
+def test_stale_files_of_a_killed_write_are_cleaned(tmp_path, tiny):
+    from lora_engine.trainer import _clean_stale
+
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".best-000003.old-7").mkdir()  # killed between atomic_dir's two renames: the old version
+    (stale / ".best-000003.old-7" / "w").write_text("old")  # is the only one, so it is put back
+    (stale / "best-000004").mkdir()
+    (stale / ".best-000004.old-7").mkdir()  # the new version arrived: the old one goes
+    _clean_stale(stale)
+    assert (stale / "best-000003" / "w").read_text() == "old"
+    assert sorted(p.name for p in stale.iterdir()) == ["best-000003", "best-000004"]
+
+    cfg = config(tmp_path, tiny["gpt2"], lm_rows(8), mode="full", max_steps=1)
+    out = Path(cfg.output)
+    (out / ".checkpoint-000001.tmp-7").mkdir(parents=True)
+    (out / ".metrics.jsonl.tmp-7").write_text("")
+    (out / ".model.old-7").mkdir()  # put back as model/, then replaced by the final weights
+    Trainer(cfg).train()
+    assert not list(out.glob(".*"))
 
 
 # -- unit pieces -------------------------------------------------------------------------------------
