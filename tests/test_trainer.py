@@ -230,6 +230,23 @@ def test_classification_lora_new_head_eval_merge(tmp_path, tiny):
     assert accuracy == pytest.approx(summary["eval_accuracy"])
 
 
+def test_output_device_tokenizer_and_modules_to_save_options(tmp_path, tiny, capsys):
+    """The options no other run uses: log_every, an explicit tokenizer and device, modules_to_save,
+    and the progress bar."""
+    cfg = config(tmp_path, tiny["bert"], cls_rows(32), targets=["query", "value"], modules_to_save=["pooler"],
+                 tokenizer=tiny["bert"], device="cpu", log_every=3, progress=True, max_steps=6, lr=3e-2)
+    trainer = Trainer(cfg)
+    assert trainer.device.type == "cpu"
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "pooler.dense.weight" in k}
+    trainer.train()
+    assert [r["step"] for r in metrics(cfg.output) if "loss" in r] == [3, 6]
+    assert "step" in capsys.readouterr().err  # tqdm's bar (it writes to stderr)
+    saved = load_file(Path(cfg.output) / "adapter" / "adapter_model.safetensors")
+    keys = [k for k in saved if k.endswith("pooler.dense.weight")]
+    assert len(keys) == 1, sorted(saved)
+    assert before and all(not torch.equal(saved[keys[0]], w) for w in before.values())  # the copy trained
+
+
 def test_classification_full_pure_bf16(tmp_path, tiny):
     cfg = config(tmp_path, tiny["bert"], cls_rows(32), mode="full", precision="bf16", lr=1e-2, max_steps=12,
                  eval_split=0.25, num_labels=3)
