@@ -237,7 +237,8 @@ def test_output_device_tokenizer_and_modules_to_save_options(tmp_path, tiny, cap
                  tokenizer=tiny["bert"], device="cpu", log_every=3, progress=True, max_steps=6, lr=3e-2)
     trainer = Trainer(cfg)
     assert trainer.device.type == "cpu"
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "pooler.dense.weight" in k}
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()
+              if ".pooler." in k and k.endswith("dense.weight")}  # the frozen original and the trained copy
     trainer.train()
     assert [r["step"] for r in metrics(cfg.output) if "loss" in r] == [3, 6]
     assert "step" in capsys.readouterr().err  # tqdm's bar (it writes to stderr)
