@@ -871,13 +871,16 @@ class Trainer:
         # weighs the same however the micro-batches split them.
         # Under torchrun: the targets of all ranks, and the gradients summed over ranks.
         n_total = int(dist.all_reduce_sum([sum(self._count_targets(b) for b in batches)], self.device)[0])
-        loss_sum = kd_sum = 0.0
+        # Summed on the device in float64 (the same adds as Python floats): one sync per step, not
+        # one per micro-batch.
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in batches:
             loss, kd, _ = self._forward(batch)
             objective = loss + cfg.kd_weight * kd if kd is not None else loss
             self.scaler.scale(objective * self._grad_scale / max(1, n_total)).backward()
-            loss_sum += loss.item()
-            kd_sum += kd.item() if kd is not None else 0.0
+            sums[0] += loss.detach().double()
+            if kd is not None:
+                sums[1] += kd.detach().double()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.world.distributed and not self.sharded:
             dist.all_reduce_grads_(params)  # FSDP2 reduce-scatters in backward instead
@@ -886,7 +889,6 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        grad_norm = float(grad_norm.full_tensor() if dist.is_dtensor(grad_norm) else grad_norm)
         lr = self.optimizer.param_groups[-1]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -894,6 +896,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._rng_after_step = rng_state(self.device)
+        # Read back once the optimizer's work is queued, so the host does not wait before it.
+        loss_sum, kd_sum = sums.tolist()
+        grad_norm = float(grad_norm.full_tensor() if dist.is_dtensor(grad_norm) else grad_norm)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         if self.world.distributed:
             loss_sum, kd_sum, tokens = dist.all_reduce_sum([loss_sum, kd_sum, tokens], self.device)
