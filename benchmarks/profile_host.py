@@ -3,23 +3,12 @@
 
 import cProfile
 import pstats
-import time
 
 import torch
+from profile_lora import host_us  # benchmarks/ is sys.path[0] when this script runs
 
 from lora_engine.kernels import lora_linear as K
 from lora_engine.ops import lora_linear
-
-
-def host_us(fn, n=100):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    out = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return out
 
 
 def main():
@@ -42,7 +31,8 @@ def main():
             "zeros": lambda: torch.zeros(m, r, device="cuda"),
             "lora_dy": lambda: K.lora_dy(dy, b, xa, 1.0, 2.0, torch.zeros(m, r, device="cuda"),
                                          torch.zeros(n, r, device="cuda")),
-            "gemm K=0 (g fp32)": lambda: K.gemm_lora(dy[:, :0], w.t()[:, :0], None, g, a.t(), 2.0, x.dtype),
+            "lora_grad_a + dx": lambda: K.lora_grad_a(g, x, 1.0, torch.zeros(r, k, device="cuda"), lora_a=a,
+                                                      dx=torch.empty(m, k, device="cuda", dtype=x.dtype)),
             "lora_grad_a": lambda: K.lora_grad_a(g, x, 1.0, torch.zeros(r, k, device="cuda")),
             "num_sms": lambda: K._num_sms(x.device),
             "fwd+bwd": step,

@@ -147,12 +147,10 @@ _gemm_lora_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket",
 )
 
 
-def _gemm_heuristic(M: int, N: int, K: int) -> dict:
+def _gemm_heuristic(M: int, N: int) -> dict:
     """Tile config without autotuning: large Hopper tiles for large problems, smaller otherwise."""
     if _INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if K == 0:  # LoRA term only (the cuBLAS path): a memory-bound write of the output
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
     if M >= 2048 and N >= 2048:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if M >= 512 and N >= 512:
@@ -338,7 +336,7 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     c_ = c if has_lora else a
     d_ = d if has_lora else b
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel, config = (_gemm_lora_autotuned, {}) if _AUTOTUNE else (_gemm_lora_kernel, _gemm_heuristic(M, N, K))
+    kernel, config = (_gemm_lora_autotuned, {}) if _AUTOTUNE else (_gemm_lora_kernel, _gemm_heuristic(M, N))
     kernel[grid](
         a, b, bias if bias is not None else a, c_, d_, out,
         M, N, K, R, triton.next_power_of_2(M),
