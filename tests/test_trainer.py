@@ -271,31 +271,37 @@ def test_mixed_precision_autocast(tmp_path, tiny, precision):
 # -- resume, Ctrl-C, crash ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_run(tmp_path, tiny, monkeypatch, mode):
-    # LoRA: the kernels' dropout seeds must repeat after resume, and in checkpointing's recompute.
-    extra = (dict(dropout=0.1, targets=["q_proj", "v_proj"], gradient_checkpointing=True) if mode == "lora"
-             else dict(optimizer="adamw8bit"))
-    kw = dict(mode=mode, max_steps=6, batch_size=4, eval_every=2, seed=3, **extra)
+def _straight_and_interrupted(tmp_path, model, monkeypatch, stop_after: int, **kw):
+    """An uninterrupted run, and the same run sent SIGINT at the end of step `stop_after`
+    (asserted to raise KeyboardInterrupt). Returns (straight config, interrupted config)."""
     rows = lm_rows(24)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    straight = config(tmp_path / "a", tiny["llama"], rows, output=str(tmp_path / "a" / "out"), **kw)
+    straight = config(tmp_path / "a", model, rows, output=str(tmp_path / "a" / "out"), **kw)
     Trainer(straight).train()
-
-    cut = config(tmp_path / "b", tiny["llama"], rows, output=str(tmp_path / "b" / "out"), **kw)
+    cut = config(tmp_path / "b", model, rows, output=str(tmp_path / "b" / "out"), **kw)
     trainer = Trainer(cut)
     real_step = trainer._train_step
 
     def step_then_ctrl_c():
         row = real_step()
-        if trainer.step == 3:
+        if trainer.step == stop_after:
             os.kill(os.getpid(), signal.SIGINT)  # handled: finish this step, checkpoint, stop
         return row
 
     monkeypatch.setattr(trainer, "_train_step", step_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
+    return straight, cut
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_run(tmp_path, tiny, monkeypatch, mode):
+    # LoRA: the kernels' dropout seeds must repeat after resume, and in checkpointing's recompute.
+    extra = (dict(dropout=0.1, targets=["q_proj", "v_proj"], gradient_checkpointing=True) if mode == "lora"
+             else dict(optimizer="adamw8bit"))
+    straight, cut = _straight_and_interrupted(tmp_path, tiny["llama"], monkeypatch, 3, mode=mode, max_steps=6,
+                                              batch_size=4, eval_every=2, seed=3, **extra)
     out = Path(cut.output)
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-000003"]
     assert max(r["step"] for r in metrics(out)) == 3
@@ -310,25 +316,8 @@ def test_ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_run(tmp_path, t
 def test_ctrl_c_in_the_step_before_an_eval_keeps_that_eval(tmp_path, tiny, monkeypatch):
     # Ctrl-C during step 4 is seen by the eval at step 4, which stops before its row is logged: the
     # checkpoint is at step 4, so the resumed run must still run (and log, and track) that eval.
-    kw = dict(mode="lora", max_steps=6, batch_size=4, eval_every=2, seed=3, eval_split=0.2)
-    rows = lm_rows(24)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    straight = config(tmp_path / "a", tiny["llama"], rows, output=str(tmp_path / "a" / "out"), **kw)
-    Trainer(straight).train()
-    cut = config(tmp_path / "b", tiny["llama"], rows, output=str(tmp_path / "b" / "out"), **kw)
-    trainer = Trainer(cut)
-    real_step = trainer._train_step
-
-    def step_then_ctrl_c():
-        row = real_step()
-        if trainer.step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return row
-
-    monkeypatch.setattr(trainer, "_train_step", step_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    straight, cut = _straight_and_interrupted(tmp_path, tiny["llama"], monkeypatch, 4, mode="lora", max_steps=6,
+                                              batch_size=4, eval_every=2, seed=3, eval_split=0.2)
     assert [p.name for p in Path(cut.output).glob("checkpoint-*")] == ["checkpoint-000004"]
     Trainer(TrainConfig(**{**cut.to_dict(), "resume": True})).train()
     assert [r["step"] for r in metrics(cut.output) if "eval_loss" in r] == [2, 4, 6]
