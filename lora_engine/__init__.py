@@ -2,7 +2,7 @@
 
 from lora_engine.adapters import load_adapter, merge, save_adapter, unmerge, unpatch_model
 from lora_engine.layers import LoRALinear
-from lora_engine.ops import lora_linear, lora_linear_reference
+from lora_engine.ops import lora_linear, lora_linear_reference, set_base_gemm
 from lora_engine.optim import AdamW8bit
 from lora_engine.patch import (
     disable_adapters,
@@ -13,7 +13,7 @@ from lora_engine.patch import (
 )
 from lora_engine.trainer import TrainConfig, Trainer
 
-__all__ = ["lora_linear", "lora_linear_reference", "AdamW8bit"]
+__all__ = ["lora_linear", "lora_linear_reference", "set_base_gemm", "AdamW8bit"]
 __all__ += [
     "LoRALinear", "patch_model", "unpatch_model", "lora_parameters", "lora_state_dict", "set_adapter",
     "disable_adapters", "save_adapter", "load_adapter", "merge", "unmerge",
