@@ -1,4 +1,5 @@
-"""Differentiable LoRA ops over the Triton kernels, each beside its pure-torch reference.
+"""Differentiable ops over the Triton kernels, each beside its pure-torch reference: the LoRA linear,
+RMSNorm, the SwiGLU product, and the chunked linear + cross-entropy of a causal LM's head.
 
 `lora_linear` runs the fused kernels on CUDA tensors (and on CPU tensors under
 `TRITON_INTERPRET=1`); elsewhere it falls back to `lora_linear_reference`, which computes the
@@ -19,6 +20,12 @@ __all__ = [
     "draw_dropout_seed",
     "kernels_available",
     "set_base_gemm",
+    "rms_norm",
+    "rms_norm_reference",
+    "silu_mul",
+    "silu_mul_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -267,3 +274,249 @@ def lora_linear(
     if seed is not None:
         seed = seed.to(x.device, non_blocking=True)
     return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+
+# ----------------------------------------------------------------------------- RMSNorm and SwiGLU
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() == 0 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        hidden = x.shape[-1] if x.dim() else "?"
+        raise ValueError(f"rms_norm weight has shape {tuple(weight.shape)} but x {tuple(x.shape)} needs ({hidden},)")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm weight is on {weight.device} but x is on {x.device}")
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm exactly as transformers' LlamaRMSNorm computes it, in plain torch (differentiable).
+
+    x: (..., H); weight: (H,). The statistics are computed in fp32 (fp64 for fp64 x, so the same
+    function serves as an fp64 oracle), the normalised x is rounded to x's dtype, then multiplied
+    by weight with torch's type promotion: the result has dtype promote_types(weight, x).
+    """
+    _check_rms_norm(x, weight)
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Fused RMSNorm. Saves x (as a 2-D view when x has unit column stride, else a contiguous copy),
+    weight and rstd (M fp32 values): nothing else of size M×H. dweight is computed only when needed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from lora_engine.kernels import rmsnorm as K
+
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y, rstd = K.rms_norm_forward(x2, weight, eps, torch.promote_types(weight.dtype, x.dtype))
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lora_engine.kernels import rmsnorm as K
+
+        x2, weight, rstd = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dy2 = dy.reshape(x2.shape)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx, dw = K.rms_norm_backward(dy2, x2, weight, rstd, need_x, need_w)
+        return (dx.view(ctx.x_shape) if dx is not None else None), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """weight · round_x(x / sqrt(mean(x²) + eps)) over the last dim, as LlamaRMSNorm computes it.
+
+    x: (..., H), any strides, fp32/fp16/bf16; weight: (H,), frozen (LoRA) or trainable (full
+    fine-tuning). Returns (..., H) of dtype promote_types(weight, x). Backward keeps only x and
+    one fp32 rstd per row (plus weight itself). Runs the Triton kernels where `kernels_available(x)`,
+    else (and for other dtypes) `rms_norm_reference`.
+    """
+    _check_rms_norm(x, weight)
+    if not kernels_available(x) or x.dtype not in _FUSED_DTYPES or weight.dtype not in _FUSED_DTYPES or x.numel() == 0:
+        return rms_norm_reference(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def _check_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(
+            f"silu_mul needs gate and up of one shape, dtype and device: gate is {tuple(gate.shape)} "
+            f"{gate.dtype} on {gate.device}, up is {tuple(up.shape)} {up.dtype} on {up.device}"
+        )
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up in plain torch: the activation product of Llama's MLP (SwiGLU)."""
+    _check_silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
+class SiLUMulFunction(torch.autograd.Function):
+    """Fused silu(gate) · up. Saves only gate and up (contiguous); σ(gate) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        from lora_engine.kernels import swiglu as K
+
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return K.silu_mul_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lora_engine.kernels import swiglu as K
+
+        gate, up = ctx.saved_tensors
+        dg, du = K.silu_mul_backward(dy.to(gate.dtype).contiguous(), gate, up)
+        need_gate, need_up = ctx.needs_input_grad
+        return (dg if need_gate else None), (du if need_up else None)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up elementwise, computed in fp32 and rounded once.
+
+    gate, up: the same shape (any leading dims, any strides) and dtype (fp32/fp16/bf16). Returns a
+    new contiguous tensor of that shape and dtype. Backward keeps only gate and up (torch's
+    `F.silu(gate) * up` also keeps silu(gate)). Runs the Triton kernels where
+    `kernels_available(gate)`, else (and for other dtypes) `silu_mul_reference`.
+    """
+    _check_silu_mul(gate, up)
+    if not kernels_available(gate) or gate.dtype not in _FUSED_DTYPES or gate.numel() == 0:
+        return silu_mul_reference(gate, up)
+    return SiLUMulFunction.apply(gate, up)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear + cross-entropy, chunked: the logits are never held in full
+
+
+def _check_cross_entropy(hidden, weight, labels):
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden has {hidden.shape[-1]} features but the output weight is {tuple(weight.shape)}: "
+            "expected weight (vocab, hidden)"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be integers, got {labels.dtype}")
+
+
+def _check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """A clear error (one host sync) instead of a device-side assert that kills the CUDA context."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"label {first} is outside the vocabulary [0, {vocab}); use {ignore_index} (ignore_index) "
+            "for positions without a target"
+        )
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of logits = hidden·weightᵀ against labels, as transformers computes a causal LM's
+    loss once labels are shifted: fp32 logits, mean over the non-ignored labels, or their sum divided
+    by `num_items_in_batch` when given. hidden: (..., H); weight: (V, H); labels: hidden's leading dims."""
+    _check_cross_entropy(hidden, weight, labels)
+    logits = F.linear(hidden, weight).float().reshape(-1, weight.shape[0])
+    labels = labels.reshape(-1).long()
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
+
+
+def _chunk_rows(rows: int, vocab: int, itemsize: int, budget_bytes: int) -> int:
+    """Rows of logits per chunk: as many as fit `budget_bytes`, a multiple of 64 where possible."""
+    fit = max(1, budget_bytes // max(1, vocab * itemsize))
+    if fit >= 64:
+        fit -= fit % 64
+    return max(1, min(rows, fit))
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Chunked hidden·Wᵀ -> cross-entropy whose backward work is done in forward, chunk by chunk:
+    each chunk's logits are turned into their gradient in place and multiplied out at once.
+    Saved for backward: dh (M, H) in hidden's dtype, dW in fp32 only if the weight is trained,
+    and the loss denominator (a 0-d tensor); no logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, denominator, chunk_bytes):
+        from lora_engine.kernels.cross_entropy import cross_entropy_grad_
+
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        if h2.stride(-1) != 1:
+            h2 = h2.contiguous()
+        labels = labels.reshape(-1).long()
+        rows, vocab = h2.shape[0], weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h2) if need_h else None
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        losses = torch.empty(rows, device=h2.device, dtype=torch.float32)
+        step = _chunk_rows(rows, vocab, h2.element_size(), chunk_bytes)
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            h_c = h2[start:end]
+            logits = h_c @ weight.t()
+            losses[start:end] = cross_entropy_grad_(logits, labels[start:end], ignore_index)
+            if need_h:
+                torch.mm(logits, weight, out=dh[start:end])
+            if need_w:
+                dw += (logits.t() @ h_c).float()
+        if denominator is None:
+            denominator = (labels != ignore_index).sum()
+        denominator = torch.as_tensor(denominator, device=h2.device, dtype=torch.float32)
+        ctx.save_for_backward(dh, dw, denominator)
+        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
+        return losses.sum() / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw, denominator = ctx.saved_tensors
+        shape, h_dtype, w_dtype = ctx.shapes
+        scale = grad_loss.float() / denominator
+        dh = (dh * scale).to(h_dtype).reshape(shape) if dh is not None else None
+        dw = (dw * scale).to(w_dtype) if dw is not None else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_bytes: int = 512 * 2**20,
+) -> torch.Tensor:
+    """`linear_cross_entropy_reference`'s loss (fp32 scalar) without materialising the logits:
+    at most `chunk_bytes` of logits (in hidden's dtype) exist at a time, where the unfused path holds
+    the logits, their fp32 copy, the log-softmax and its gradient (~14 bytes per logit).
+
+    hidden: (..., H), fp32/fp16/bf16, any strides; weight: (V, H), frozen or trained (then its grad is
+    accumulated in fp32); labels: int, hidden's leading dims, in [0, V) or `ignore_index`.
+    The gradient is computed during forward, so this is for training (call it under no_grad for a
+    loss alone and it still does the work of both passes). Checks the labels' range (one host sync).
+    """
+    _check_cross_entropy(hidden, weight, labels)
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but the output weight is {weight.dtype}: cast one to the other")
+    _check_labels_in_range(labels, weight.shape[0], ignore_index)
+    if not kernels_available(hidden):
+        return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, num_items_in_batch)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, num_items_in_batch, chunk_bytes)
