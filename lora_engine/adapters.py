@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_engine.fusions import unfuse_model
 from lora_engine.kernels.merge import merge_lora_
 from lora_engine.layers import LoRALinear, ModulesToSave, linear_shape
 from lora_engine.patch import (
@@ -349,6 +350,7 @@ def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
     merge=True: the active adapter is folded into the base weights (the Triton merge kernel, one
     rounding) and the active copy of each modules_to_save replaces the original: the result is a
     plain transformers model that `save_pretrained` writes and `from_pretrained` reloads.
+    Fused forwards (`patch_model(fused=...)`) are removed too.
     """
     if not _adapters(model):
         raise ValueError("The model has no LoRA adapters (it is not patched); nothing to unpatch.")
@@ -362,6 +364,7 @@ def unpatch_model(model: nn.Module, merge: bool = False) -> nn.Module:
             exported.append((wrapper.original_module, inner))
         _set_submodule(model, path, inner)
     _forget_lora(model)
+    unfuse_model(model)
     for original, kept in exported:
         # An exported modules_to_save copy trains (or not) as the module it replaces did.
         for p_orig, p_kept in zip(original.parameters(), kept.parameters()):

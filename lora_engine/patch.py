@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lora_engine.fusions import check_fusions, fuse_model
 from lora_engine.layers import LoRALinear, ModulesToSave, is_linear
 
 __all__ = [
@@ -254,6 +255,7 @@ def patch_model(
     adapter_name: str = "default",
     use_rslora: bool = False,
     modules_to_save: list[str] | None = None,
+    fused=True,
 ) -> nn.Module:
     """Adds LoRA adapter `adapter_name` to `model` in place, makes it active, and returns the model.
 
@@ -262,17 +264,24 @@ def patch_model(
     for `model.config.model_type`), a list of names (suffix match), a regex (full match) or
     "all-linear". modules_to_save: modules trained in full (e.g. a new classification head).
     All other parameters are frozen. Call again with another `adapter_name` to add an adapter.
+    fused: True (default) also installs every fused kernel of `lora_engine.fusions` the architecture
+    supports (Llama, Mistral, Qwen2: RMSNorm, SwiGLU, and the LM head + loss, which returns no logits
+    when called in training with labels); False leaves the rest of the model's forward as it is; or a
+    list of names from `fusions.FUSIONS`.
     Raises ValueError, leaving the model unchanged, on any bad input.
     """
+    fusions = check_fusions(fused)
     alpha = _check_hyperparameters(rank, alpha, dropout)
     _check_can_add_adapter(model, adapter_name)
     save_paths = _resolve_modules_to_save(model, modules_to_save)
     paths, spec = _resolve_targets(model, target_modules, set(save_paths), require_each=True)
     _check_no_overlap(paths, save_paths)
-    return _apply(model, adapter_name, paths, save_paths, AdapterSettings(
+    _apply(model, adapter_name, paths, save_paths, AdapterSettings(
         rank=rank, alpha=alpha, dropout=float(dropout), use_rslora=bool(use_rslora), target_modules=spec,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
     ))
+    fuse_model(model, fusions)
+    return model
 
 
 def _check_no_overlap(paths: list[str], save_paths: list[str]) -> None:

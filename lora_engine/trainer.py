@@ -63,6 +63,9 @@ from tqdm.auto import tqdm
 from lora_engine import data as D
 from lora_engine import distributed as dist
 from lora_engine.adapters import load_adapter, save_adapter, unpatch_model
+from lora_engine.checkpointing import CheckpointingError, checkpointed_layers, fit_checkpointing
+from lora_engine.checkpointing import enable_gradient_checkpointing as _enable_checkpointing
+from lora_engine.fusions import fuse_model, fused_lm_loss
 from lora_engine.optim import AdamW8bit
 from lora_engine.patch import disable_adapters, lora_parameters, lora_state_dict, patch_model
 
@@ -139,6 +142,14 @@ class TrainConfig:
                           "optimization", choices=PRECISIONS)
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (HF's, non-reentrant)",
                                         "optimization")
+    checkpoint_layers: int = _opt(0, "with --gradient-checkpointing: recompute only the first K transformer "
+                                  "layers and keep the rest's activations (0: all layers)", "optimization",
+                                  metavar="K")
+    checkpoint_budget_gib: float = _opt(0.0, "with --gradient-checkpointing on CUDA: recompute only as many layers "
+                                        "as keep a step's peak memory under this many GiB (measured on the first "
+                                        "batch; 0: off)", "optimization", metavar="GIB")
+    fused: bool = _opt(True, "fused kernels for RMSNorm, SwiGLU and the LM head + loss (Llama, Mistral, Qwen2; "
+                       "other models are unchanged)", "optimization")
     fsdp: bool = _opt(False, "under torchrun in LoRA mode: shard the model with FSDP2, for models that do not "
                       "fit one GPU (full mode always shards)", "optimization")
     seed: int = _opt(0, "seed for weights init, data order, dropout", "optimization")
@@ -194,7 +205,8 @@ class TrainConfig:
         for name in ("rank", "max_length", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 bad(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "patience", "freeze_layers"):
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "patience", "freeze_layers",
+                     "checkpoint_layers"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -239,6 +251,12 @@ class TrainConfig:
             bad("pack applies to task causal-lm only")
         if self.resume and self.overwrite:
             bad("--resume and --overwrite contradict each other: pick one")
+        if (self.checkpoint_layers or self.checkpoint_budget_gib) and not self.gradient_checkpointing:
+            bad("checkpoint_layers and checkpoint_budget_gib apply with --gradient-checkpointing; add it")
+        if self.checkpoint_budget_gib < 0:
+            bad(f"checkpoint_budget_gib must be >= 0, got {self.checkpoint_budget_gib}")
+        if self.checkpoint_layers and self.checkpoint_budget_gib:
+            bad("give --checkpoint-layers or --checkpoint-budget-gib, not both")
 
 
 def _field_types() -> dict[str, Any]:
@@ -372,15 +390,12 @@ def load_model(path: str, task: str, num_labels: int | None = None) -> nn.Module
         raise ConfigError(f"cannot load {path!r} as a {auto.__name__[9:]} model: {e}") from None
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """HF's activation checkpointing, non-reentrant (frozen inputs need no requires_grad hack)."""
-    if not model.supports_gradient_checkpointing:
-        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def enable_gradient_checkpointing(model: nn.Module, layers: int = 0) -> None:
+    """`checkpointing.enable_gradient_checkpointing`, its errors as ConfigError (the CLI prints them)."""
+    try:
+        _enable_checkpointing(model, layers)
+    except CheckpointingError as e:
+        raise ConfigError(str(e)) from None
 
 
 def classification_head(model: nn.Module) -> str:
@@ -745,6 +760,7 @@ class Trainer:
             s, self.total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16-mixed")
         self.step = 0
+        self._checkpointing_fitted = not cfg.checkpoint_budget_gib
         self.best: tuple[float, int, dict] | None = None  # (score, step, eval metrics)
         self.bad_evals = 0
         self.early_stopped = False  # saved in checkpoints: a resumed early-stopped run is finished
@@ -791,7 +807,7 @@ class Trainer:
             model.to(torch.bfloat16)  # LoRA weights, made after this, stay fp32 (as PEFT)
         model.to(self.device)
         if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model, cfg.checkpoint_layers)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         if cfg.mode == "lora":
@@ -800,13 +816,15 @@ class Trainer:
                 head = classification_head(model)
                 saved += [head] if head not in saved else []
             try:
-                patch_model(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                patch_model(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, fused=False,
                             target_modules=self._targets(), use_rslora=cfg.use_rslora,
                             modules_to_save=saved or None)
             except ValueError as e:
                 raise ConfigError(f"cannot add LoRA to {cfg.model}: {e}") from None
         elif cfg.freeze_layers:
             freeze_first_layers_(model, cfg.freeze_layers)
+        if cfg.fused:
+            fuse_model(model)
         if self.sharded:
             dist.shard_model_(model, torch.bfloat16 if cfg.precision == "bf16-mixed" else None)
         elif self.world.distributed:
@@ -856,17 +874,49 @@ class Trainer:
                 self.model.eval()  # a deterministic teacher; dropout would only add noise
                 teacher = self.model(**inputs).logits
                 self.model.train()
+        if teacher is None and self.task != "classification" and fused_lm_loss(self.model):
+            # The fused head + loss: summed over the targets (num_items_in_batch=1), logits never formed.
+            with self._autocast():
+                loss = self.model(**inputs, labels=batch["labels"], num_items_in_batch=1).loss
+            return loss, None, self._count_targets(batch)
         with self._autocast():
             logits = self.model(**inputs).logits
         loss, n = task_loss(logits, batch["labels"], self.task)
         kd = distill_loss(logits, teacher, batch["labels"], self.cfg.kd_temperature) if teacher is not None else None
         return loss, kd, n
 
+    def _fit_checkpointing(self, batch) -> None:
+        """Picks how many layers to recompute for --checkpoint-budget-gib from one measured forward +
+        backward of `batch`; its gradients are dropped and the RNG streams left as they were."""
+        cfg = self.cfg
+        if self.device.type != "cuda":
+            raise ConfigError("--checkpoint-budget-gib measures CUDA memory: run on a GPU, or give "
+                              "--checkpoint-layers K instead")
+
+        def forward_backward():
+            loss, kd, _ = self._forward(batch)
+            (loss + cfg.kd_weight * kd if kd is not None else loss).backward()
+
+        with torch.random.fork_rng(devices=[self.device]):
+            try:
+                k = fit_checkpointing(self.model, forward_backward, int(cfg.checkpoint_budget_gib * 2**30))
+            except CheckpointingError as e:
+                raise ConfigError(str(e)) from None
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+        self._checkpointing_fitted = True
+        if cfg.progress and self.world.main:
+            n = len(checkpointed_layers(self.model))
+            print(f"checkpointing: {k} of {n} layers recomputed to stay under {cfg.checkpoint_budget_gib:g} GiB",
+                  file=sys.stderr)
+
     def _train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns the train row to log."""
         cfg = self.cfg
         t0 = time.perf_counter()
         batches = [self._micro_batch(self.step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
+        if not self._checkpointing_fitted:
+            self._fit_checkpointing(batches[0])
         # Normalise by the step's total number of targets, so every target token (or example)
         # weighs the same however the micro-batches split them.
         # Under torchrun: the targets of all ranks, and the gradients summed over ranks.
@@ -990,8 +1040,10 @@ class Trainer:
         if self.sharded:
             self._load_sharded_weights(directory)
         elif self.cfg.mode == "lora":
-            unpatch_model(self.model, merge=False)
+            unpatch_model(self.model, merge=False)  # also removes the fused forwards: put them back
             load_adapter(self.model, directory)
+            if self.cfg.fused:
+                fuse_model(self.model)
         else:
             saved = type(self.model).from_pretrained(directory)
             self.model.load_state_dict(saved.state_dict())

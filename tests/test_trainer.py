@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from lora_engine import data as D
+from lora_engine.fusions import FUSIONS, fused_ops
 from lora_engine.trainer import (
     ConfigError,
     OutOfMemory,
@@ -310,6 +311,7 @@ def test_ctrl_c_checkpoints_and_resume_repeats_the_uninterrupted_run(tmp_path, t
     resumed = Trainer(TrainConfig(**{**cut.to_dict(), "resume": True}))
     assert resumed.step == 3
     resumed.train()
+    assert set(fused_ops(resumed.model)) == set(FUSIONS)  # reloading the weights keeps the fused kernels
     _same_rows(metrics(out), metrics(straight.output))
 
 
