@@ -1,7 +1,7 @@
 """Whole LoRA training steps, PEFT against ours (`patch_model`), on random-init Llama-shape models:
 tokens/s and peak memory per row, plus a loss-curve check (issue 6). One run, one GPU.
 
-    python benchmarks/bench_e2e.py [--rows 1.1B:qv-r8:on,8B:all-r16:on] [--steps 8] [--out e2e.jsonl]
+    python benchmarks/bench_e2e.py [--rows 1.1B:qv-r8:on:peft+ours,8B:all-r16:fit:ours] [--steps 8] [--out e2e.jsonl]
     python benchmarks/bench_e2e.py --quick --device cpu --seq 64 --batch 1      # code-path check
 
 Each row builds the model from `LlamaConfig` directly on the device (bf16, HF's normal(0, 0.02) init,
@@ -12,6 +12,12 @@ same plain loop: forward with labels -> loss -> backward -> fused AdamW(lr 1e-4)
 memory = `torch.cuda.max_memory_allocated` over the timed steps (weights and optimizer state included).
 Every (row, peer) gets a fresh model, so no hook or state of one peer leaks into the other
 (PEFT registers an input-requires-grad hook on the embeddings when checkpointing is on).
+
+Ours runs in variants, so every gain is attributed: `ours-plain` (the fused LoRA linear alone),
+`ours-ce` (+ the chunked linear + cross-entropy head), `ours` (+ fused RMSNorm and SwiGLU: every
+fusion). Checkpointing per row: off, on (every layer), kN (the first N layers), or fit (as few layers
+as keep the peak under PEFT-with-checkpointing's peak for that model and LoRA measured earlier in
+the same run, else under --budget-gib; `lora_engine.checkpointing.fit_checkpointing`).
 
 The loss check trains PEFT and ours from the same base weights and the same LoRA A/B (B set non-zero,
 dropout 0) on the same batches, and compares the loss at every step.
@@ -42,6 +48,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import lora_engine as le  # noqa: E402
+from lora_engine.checkpointing import fit_checkpointing  # noqa: E402
 from lora_engine.trainer import enable_gradient_checkpointing  # noqa: E402
 
 try:
@@ -63,9 +70,21 @@ LORAS: dict[str, dict] = {
 }
 DROPOUT = 0.05
 LR = 1e-4
-DEFAULT_ROWS = [("1.1B", "qv-r8", False), ("1.1B", "qv-r8", True), ("1.1B", "all-r16", True),
-                ("8B", "qv-r8", True), ("8B", "all-r16", True)]
-IMPLS = ("peft", "ours")
+# (model, LoRA, checkpointing, peers): PEFT with checkpointing is the reference of each model + LoRA.
+DEFAULT_ROWS = [
+    ("1.1B", "qv-r8", "off", ("peft", "ours")),
+    ("1.1B", "qv-r8", "on", ("peft", "ours-plain", "ours-ce", "ours")),
+    ("1.1B", "qv-r8", "fit", ("ours",)),
+    ("1.1B", "all-r16", "on", ("peft", "ours-plain", "ours")),
+    ("1.1B", "all-r16", "fit", ("ours",)),
+    ("8B", "qv-r8", "on", ("peft", "ours-plain", "ours-ce", "ours")),
+    ("8B", "qv-r8", "fit", ("ours",)),
+    ("8B", "all-r16", "on", ("peft", "ours-plain", "ours")),
+    ("8B", "all-r16", "fit", ("ours",)),
+]
+# Our variants: which of lora_engine.fusions' fused forwards patch_model installs.
+OURS = {"ours-plain": False, "ours-ce": ["cross_entropy"], "ours": True}
+IMPLS = ("peft", *OURS)
 
 # Loss check: the 1.1B shape cut to 4 layers, all-r16 (every LoRA layer shape), dropout 0.
 # lr 3e-4 over a pool of 4 batches cycled, so the curve moves (the model memorises them) and a wrong
@@ -96,22 +115,24 @@ def build_model(shape: dict, device: torch.device, seq: int, layers: int | None 
     return model.train()
 
 
-def add_lora(model, impl: str, lora: dict, dropout: float, checkpointing: bool):
-    """The model with LoRA `lora` added by `impl` ("peft" or "ours"), checkpointing as asked.
+def add_lora(model, impl: str, lora: dict, dropout: float, checkpointing: bool | int):
+    """The model with LoRA `lora` added by `impl` ("peft" or one of OURS), checkpointing as asked
+    (False, True: every layer, or N: the first N layers).
 
     Checkpointing is HF's, non-reentrant, switched on before the adapters as users do (PEFT then adds
     its input-requires-grad hook itself; non-reentrant checkpointing does not need it).
     """
-    if checkpointing:
-        enable_gradient_checkpointing(model)
+    if checkpointing is not False:
+        enable_gradient_checkpointing(model, 0 if checkpointing is True else int(checkpointing))
     if impl == "peft":
         if peft is None:
             raise RuntimeError("peft is not importable")
         config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=dropout,
                             target_modules=lora["targets"], bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
-    elif impl == "ours":
-        le.patch_model(model, rank=lora["rank"], alpha=lora["alpha"], dropout=dropout, target_modules=lora["targets"])
+    elif impl in OURS:
+        le.patch_model(model, rank=lora["rank"], alpha=lora["alpha"], dropout=dropout, target_modules=lora["targets"],
+                       fused=OURS[impl])
     else:
         raise ValueError(f"unknown impl {impl!r}")
     return model.train()
@@ -149,9 +170,10 @@ def free_memory(device: torch.device) -> None:
 # One benchmark row
 
 
-def bench_row(shape_name: str, lora_name: str, ckpt: bool, impl: str, args, device: torch.device,
-              deadline: float) -> dict:
-    """Builds, adds LoRA, warms up, times. Returns the row (status "ok", "OOM" or "error: ...")."""
+def bench_row(shape_name: str, lora_name: str, ckpt: str, impl: str, args, device: torch.device,
+              deadline: float, budget_gib: float | None = None) -> dict:
+    """Builds, adds LoRA, warms up, times. ckpt: off, on, kN or fit (under `budget_gib`).
+    Returns the row (status "ok", "OOM" or "error: ...")."""
     shape = SHAPES[shape_name]
     batch = args.batch or shape["batch"]
     row = dict(kind="row", model=shape_name, lora=lora_name, ckpt=ckpt, impl=impl, batch=batch, seq=args.seq,
@@ -159,8 +181,12 @@ def bench_row(shape_name: str, lora_name: str, ckpt: bool, impl: str, args, devi
     t_start = time.perf_counter()
     model = optimizer = params = None
     try:
+        if ckpt == "fit" and (impl == "peft" or budget_gib is None):
+            raise ValueError("ckpt fit is for our variants and needs a budget (a PEFT ckpt-on row first, "
+                             "or --budget-gib)")
         model = build_model(shape, device, args.seq, args.layers)
-        model = add_lora(model, impl, LORAS[lora_name], DROPOUT, ckpt)
+        checkpointing = {"off": False, "on": True, "fit": False}.get(ckpt) if ckpt[0] != "k" else int(ckpt[1:])
+        model = add_lora(model, impl, LORAS[lora_name], DROPOUT, checkpointing)
         params = trainable(model)
         row["trainable_params"] = sum(p.numel() for p in params)
         optimizer = make_optimizer(params, device)
@@ -171,6 +197,16 @@ def bench_row(shape_name: str, lora_name: str, ckpt: bool, impl: str, args, devi
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             loss = train_step(model, batches(), optimizer)
+        if ckpt == "fit":
+            ids = batches()
+
+            def forward_backward():
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.zero_grad(set_to_none=True)
+
+            row["budget_gib"] = round(budget_gib, 3)
+            row["ckpt_layers"] = fit_checkpointing(model, forward_backward, int(budget_gib * 2**30))
+            loss = train_step(model, batches(), optimizer)  # one step in the chosen set-up before timing
         sync(device)
         row["warmup_s"] = round(time.perf_counter() - t0, 2)
         if device.type == "cuda":
@@ -285,33 +321,38 @@ def _gib(r: dict | None) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    by_key: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        by_key.setdefault((r["model"], r["lora"], r["ckpt"]), {})[r["impl"]] = r
-    hdr = ("| model | LoRA | ckpt | PEFT tokens/s | PEFT GiB | ours tokens/s | ours GiB "
-           "| ratio tokens/s (ours/PEFT) | ratio memory (ours/PEFT) |")
+    """One line per row; ratios against PEFT with checkpointing for the same model and LoRA."""
+    ref = {(r["model"], r["lora"]): r for r in rows
+           if r["impl"] == "peft" and r["ckpt"] == "on" and r["status"] == "ok"}
+    hdr = ("| model | LoRA | impl | ckpt | tokens/s | peak GiB "
+           "| tokens/s ÷ PEFT-ckpt | memory ÷ PEFT-ckpt |")
     print("\n" + hdr)
     print("|" + " --- |" * (hdr.count("|") - 1))
-    for (model, lora, ckpt), pair in by_key.items():
-        p, o = pair.get("peft"), pair.get("ours")
-        ok = p is not None and o is not None and p["status"] == o["status"] == "ok"
-        speed = f"{o['tokens_per_s'] / p['tokens_per_s']:.2f}×" if ok else "–"
-        mem = f"{o['peak_gib'] / p['peak_gib']:.2f}×" if ok and "peak_gib" in o and "peak_gib" in p else "–"
-        batch = (p or o)["batch"]
-        print(f"| {model}, bs {batch} | {lora} | {'on' if ckpt else 'off'} | {_tok(p)} | {_gib(p)} "
-              f"| {_tok(o)} | {_gib(o)} | {speed} | {mem} |", flush=True)
+    for r in rows:
+        p = ref.get((r["model"], r["lora"]))
+        ok = p is not None and r["status"] == "ok"
+        speed = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}×" if ok else "–"
+        mem = f"{r['peak_gib'] / p['peak_gib']:.2f}×" if ok and "peak_gib" in r and "peak_gib" in p else "–"
+        ckpt = r["ckpt"] + (f" ({r['ckpt_layers']} of {r['layers']})" if "ckpt_layers" in r else "")
+        print(f"| {r['model']}, bs {r['batch']} | {r['lora']} | {r['impl']} | {ckpt} | {_tok(r)} | {_gib(r)} "
+              f"| {speed} | {mem} |", flush=True)
 
 
-def parse_rows(text: str | None) -> list[tuple[str, str, bool]]:
+def parse_rows(text: str | None) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """MODEL:LORA:CKPT[:IMPL+IMPL...] items, comma-separated (default: DEFAULT_ROWS)."""
     if not text or text == "default":
         return list(DEFAULT_ROWS)
     rows = []
     for item in text.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 3 or parts[0] not in SHAPES or parts[1] not in LORAS or parts[2] not in ("on", "off"):
-            raise SystemExit(f"--rows: bad row {item!r}; write MODEL:LORA:CKPT with MODEL in {list(SHAPES)}, "
-                             f"LORA in {list(LORAS)}, CKPT on|off (comma-separated)")
-        rows.append((parts[0], parts[1], parts[2] == "on"))
+        impls = tuple(parts[3].split("+")) if len(parts) == 4 else ("peft", "ours")
+        ckpt_ok = len(parts) >= 3 and (parts[2] in ("on", "off", "fit") or
+                                       (parts[2][:1] == "k" and parts[2][1:].isdigit()))
+        if (len(parts) not in (3, 4) or parts[0] not in SHAPES or parts[1] not in LORAS or not ckpt_ok
+                or any(i not in IMPLS for i in impls)):
+            raise SystemExit(f"--rows: bad row {item!r}; write MODEL:LORA:CKPT[:IMPL+IMPL] with MODEL in "
+                             f"{list(SHAPES)}, LORA in {list(LORAS)}, CKPT on|off|fit|kN, IMPL in {list(IMPLS)}")
+        rows.append((parts[0], parts[1], parts[2], impls))
     return rows
 
 
@@ -336,7 +377,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=None,
                     help="comma-separated MODEL:LORA:CKPT, e.g. 1.1B:qv-r8:off,8B:all-r16:on (default: the issue's 5)")
-    ap.add_argument("--impls", default="peft,ours", help="which peers to run (default peft,ours)")
+    ap.add_argument("--impls", default=None,
+                    help=f"run only these peers of each row, comma-separated, from {list(IMPLS)}")
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help="memory budget of ckpt=fit rows with no PEFT ckpt-on row before them")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 8; --quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; --quick 1)")
     ap.add_argument("--quick", action="store_true", help="2-layer models, 2 timed steps, 5-step loss check")
@@ -357,7 +401,7 @@ def main():
     args.steps = args.steps or (2 if args.quick else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     loss_steps = args.loss_steps if args.loss_steps is not None else (5 if args.quick else CHECK_STEPS)
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()] if args.impls else list(IMPLS)
     if not impls or any(i not in IMPLS for i in impls):
         raise SystemExit(f"--impls: choose from {IMPLS}")
     rows_wanted = parse_rows(args.rows)
@@ -371,7 +415,7 @@ def main():
     emit(env, args.out)
 
     check = None
-    if loss_steps > 0 and peft is not None and "ours" in impls:
+    if loss_steps > 0 and peft is not None and "peft" in impls and any(i in OURS for i in impls):
         layers = min(args.layers or CHECK_LAYERS, CHECK_LAYERS)
         try:
             check = loss_check(SHAPES["1.1B"], device, args.seq, layers, args.batch or CHECK_BATCH, loss_steps)
@@ -383,14 +427,17 @@ def main():
 
     results: list[dict] = []
     seconds_by_shape: dict[str, float] = {}
-    for shape_name, lora_name, ckpt in rows_wanted:
-        for impl in impls:
+    for shape_name, lora_name, ckpt, row_impls in rows_wanted:
+        for impl in (i for i in row_impls if i in impls):
             expected = seconds_by_shape.get(shape_name, 0.0)
             if time.perf_counter() + expected > deadline:
                 row = dict(kind="row", model=shape_name, lora=lora_name, ckpt=ckpt, impl=impl,
                            batch=args.batch or SHAPES[shape_name]["batch"], status="skipped (time budget)")
             else:
-                row = bench_row(shape_name, lora_name, ckpt, impl, args, device, deadline)
+                ref = next((r for r in results if (r["model"], r["lora"], r["impl"], r["ckpt"], r["status"])
+                            == (shape_name, lora_name, "peft", "on", "ok")), None)
+                budget = ref["peak_gib"] if ref and "peak_gib" in ref else args.budget_gib
+                row = bench_row(shape_name, lora_name, ckpt, impl, args, device, deadline, budget)
                 seconds_by_shape[shape_name] = max(seconds_by_shape.get(shape_name, 0.0), row["wall_s"])
             results.append(row)
             emit(row, args.out)
