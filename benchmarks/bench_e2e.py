@@ -15,7 +15,8 @@ Every (row, peer) gets a fresh model, so no hook or state of one peer leaks into
 
 Ours runs in variants, so every gain is attributed: `ours-plain` (the fused LoRA linear alone),
 `ours-ce` (+ the chunked linear + cross-entropy head), `ours` (+ fused RMSNorm and SwiGLU: every
-fusion). Checkpointing per row: off, on (every layer), kN (the first N layers), or fit (as few layers
+fusion). Checkpointing per row: off, on (every layer), offload (every layer, its input kept in CPU
+memory), kN (the first N layers), or fit (as few layers
 as keep the peak under PEFT-with-checkpointing's peak for that model and LoRA measured earlier in
 the same run, else under --budget-gib; `lora_engine.checkpointing.fit_checkpointing`).
 
@@ -79,8 +80,10 @@ DEFAULT_ROWS = [
     ("1.1B", "all-r16", "fit", ("ours",)),
     ("8B", "qv-r8", "on", ("peft", "ours-plain", "ours-ce", "ours")),
     ("8B", "qv-r8", "fit", ("ours",)),
+    ("8B", "qv-r8", "offload", ("ours",)),
     ("8B", "all-r16", "on", ("peft", "ours-plain", "ours")),
     ("8B", "all-r16", "fit", ("ours",)),
+    ("8B", "all-r16", "offload", ("ours",)),
 ]
 # Our variants: which of lora_engine.fusions' fused forwards patch_model installs.
 OURS = {"ours-plain": False, "ours-ce": ["cross_entropy"], "ours": True}
@@ -115,7 +118,7 @@ def build_model(shape: dict, device: torch.device, seq: int, layers: int | None 
     return model.train()
 
 
-def add_lora(model, impl: str, lora: dict, dropout: float, checkpointing: bool | int):
+def add_lora(model, impl: str, lora: dict, dropout: float, checkpointing: bool | int, offload: bool = False):
     """The model with LoRA `lora` added by `impl` ("peft" or one of OURS), checkpointing as asked
     (False, True: every layer, or N: the first N layers).
 
@@ -123,7 +126,7 @@ def add_lora(model, impl: str, lora: dict, dropout: float, checkpointing: bool |
     its input-requires-grad hook itself; non-reentrant checkpointing does not need it).
     """
     if checkpointing is not False:
-        enable_gradient_checkpointing(model, 0 if checkpointing is True else int(checkpointing))
+        enable_gradient_checkpointing(model, 0 if checkpointing is True else int(checkpointing), offload)
     if impl == "peft":
         if peft is None:
             raise RuntimeError("peft is not importable")
@@ -185,8 +188,9 @@ def bench_row(shape_name: str, lora_name: str, ckpt: str, impl: str, args, devic
             raise ValueError("ckpt fit is for our variants and needs a budget (a PEFT ckpt-on row first, "
                              "or --budget-gib)")
         model = build_model(shape, device, args.seq, args.layers)
-        checkpointing = {"off": False, "on": True, "fit": False}.get(ckpt) if ckpt[0] != "k" else int(ckpt[1:])
-        model = add_lora(model, impl, LORAS[lora_name], DROPOUT, checkpointing)
+        checkpointing = {"off": False, "on": True, "fit": False, "offload": True}.get(ckpt) if ckpt[0] != "k" \
+            else int(ckpt[1:])
+        model = add_lora(model, impl, LORAS[lora_name], DROPOUT, checkpointing, offload=ckpt == "offload")
         params = trainable(model)
         row["trainable_params"] = sum(p.numel() for p in params)
         optimizer = make_optimizer(params, device)
@@ -346,12 +350,13 @@ def parse_rows(text: str | None) -> list[tuple[str, str, str, tuple[str, ...]]]:
     for item in text.split(","):
         parts = item.strip().split(":")
         impls = tuple(parts[3].split("+")) if len(parts) == 4 else ("peft", "ours")
-        ckpt_ok = len(parts) >= 3 and (parts[2] in ("on", "off", "fit") or
+        ckpt_ok = len(parts) >= 3 and (parts[2] in ("on", "off", "fit", "offload") or
                                        (parts[2][:1] == "k" and parts[2][1:].isdigit()))
         if (len(parts) not in (3, 4) or parts[0] not in SHAPES or parts[1] not in LORAS or not ckpt_ok
                 or any(i not in IMPLS for i in impls)):
             raise SystemExit(f"--rows: bad row {item!r}; write MODEL:LORA:CKPT[:IMPL+IMPL] with MODEL in "
-                             f"{list(SHAPES)}, LORA in {list(LORAS)}, CKPT on|off|fit|kN, IMPL in {list(IMPLS)}")
+                             f"{list(SHAPES)}, LORA in {list(LORAS)}, CKPT on|off|fit|offload|kN, "
+                             f"IMPL in {list(IMPLS)}")
         rows.append((parts[0], parts[1], parts[2], impls))
     return rows
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["CheckpointingError", "checkpointed_layers", "enable_gradient_checkpointing", "fit_checkpointing"]
+__all__ = ["CheckpointingError", "checkpointed_layers", "enable_gradient_checkpointing", "fit_checkpointing",
+           "offloaded_checkpoint"]
 
 
 class CheckpointingError(ValueError):
@@ -29,12 +30,16 @@ def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_gradient_checkpointing(model: nn.Module, layers: int = 0) -> None:
+def enable_gradient_checkpointing(model: nn.Module, layers: int = 0, offload: bool = False) -> None:
     """HF's activation checkpointing, non-reentrant (frozen inputs need no requires_grad hack).
 
     layers: 0 recomputes every transformer block in backward; K > 0 only the first K, and the later
     blocks keep their activations. The later ones are left whole because backward reaches (and frees)
     them first.
+    offload: the checkpointed blocks keep their input in pinned CPU memory instead of on the GPU
+    (copied out on a side stream during forward, back just before the block's recompute), so a step
+    holds one block's input on the GPU instead of all of them, for the time of the copies. For one
+    GPU or DDP; blocks must return a tensor (Llama-family decoder layers do).
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise CheckpointingError(f"{type(model).__name__} does not support gradient checkpointing")
@@ -50,6 +55,76 @@ def enable_gradient_checkpointing(model: nn.Module, layers: int = 0) -> None:
     if layers:
         for block in blocks[layers:]:
             block.gradient_checkpointing = False
+    if offload:
+        for block in blocks:
+            block._gradient_checkpointing_func = offloaded_checkpoint
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpointing with the block input kept in CPU memory
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _autocast_state(device_type: str) -> dict:
+    return dict(device_type=device_type, enabled=torch.is_autocast_enabled(device_type),
+                dtype=torch.get_autocast_dtype(device_type))
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """y = run(x) computed without a graph; x goes to CPU (pinned, asynchronously on CUDA). Backward
+    brings x back, recomputes run(x) with the RNG and autocast state of the forward, and backpropagates
+    through it: parameter gradients accumulate as usual, x's gradient is returned. `anchor` is an empty
+    tensor that requires grad, so backward runs even when x does not need a gradient (a frozen
+    embedding's output feeding LoRA layers)."""
+
+    @staticmethod
+    def forward(ctx, run, anchor, x):
+        ctx.run, ctx.x_requires_grad, ctx.device = run, x.requires_grad, x.device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.autocast = _autocast_state(x.device.type)
+        with torch.no_grad():
+            y = run(x)
+        if not isinstance(y, torch.Tensor):
+            raise CheckpointingError(f"offloaded checkpointing needs blocks that return a tensor, not "
+                                     f"{type(y).__name__}")
+        if x.is_cuda:
+            stream = _side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                ctx.saved_x = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                ctx.saved_x.copy_(x, non_blocking=True)
+                ctx.copied = stream.record_event()
+            x.record_stream(stream)  # x's memory is not reused before the copy has read it
+        else:
+            ctx.saved_x, ctx.copied = x.detach().clone(), None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.copied is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+        x = ctx.saved_x.to(ctx.device, non_blocking=True).requires_grad_(ctx.x_requires_grad)
+        ctx.saved_x = None
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
+                y = ctx.run(x)
+        torch.autograd.backward(y, dy)
+        return None, None, x.grad if ctx.x_requires_grad else None
+
+
+def offloaded_checkpoint(function: Callable, x: torch.Tensor, *args, **kwargs):
+    """A drop-in for transformers' `_gradient_checkpointing_func(function, hidden_states, ...)`:
+    recomputes `function` in backward, holding its input `x` in CPU memory meanwhile."""
+    run = (lambda t: function(t, *args, **kwargs)) if (args or kwargs) else function
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    return _OffloadedCheckpoint.apply(run, anchor, x)
 
 
 @contextlib.contextmanager
@@ -87,14 +162,15 @@ def _count_saved_bytes(block: nn.Module, params: set[int], counts: dict[int, int
 
 
 def fit_checkpointing(model: nn.Module, run_step: Callable[[], None], budget_bytes: int,
-                      margin: float = 0.03) -> int:
+                      margin: float = 0.03, offload: bool = False) -> int:
     """Checkpoints as few transformer blocks as keep the step's peak memory under `budget_bytes`, and
     returns how many are checkpointed (the first K; the others keep their activations).
 
     run_step: one forward + backward of a representative batch (its gradients are the caller's to
     clear). It runs once, with every block checkpointed but the last, to measure the peak and the
     bytes the last block keeps; the rest is arithmetic: each further whole block adds that much.
-    `margin` (a fraction of the budget) is kept free for variation between steps.
+    `margin` (a fraction of the budget) is kept free for variation between steps; `offload` as in
+    `enable_gradient_checkpointing`.
     Raises CheckpointingError if even full checkpointing does not fit (the measured peak is named).
     """
     if not torch.cuda.is_available():
@@ -102,7 +178,7 @@ def fit_checkpointing(model: nn.Module, run_step: Callable[[], None], budget_byt
     blocks = checkpointed_layers(model)
     if not blocks:
         raise CheckpointingError(f"{type(model).__name__} has no transformer blocks that can be checkpointed")
-    enable_gradient_checkpointing(model, len(blocks) - 1)
+    enable_gradient_checkpointing(model, len(blocks) - 1, offload)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     counts: dict[int, int] = {}
     torch.cuda.synchronize()
@@ -119,7 +195,7 @@ def fit_checkpointing(model: nn.Module, run_step: Callable[[], None], budget_byt
             f"budget of {budget_bytes / 2**30:.2f} GiB: raise the budget or lower the batch size")
     whole = 1 + int(room // per_block) if room >= 0 else 0
     k = max(0, len(blocks) - whole)
-    enable_gradient_checkpointing(model, k)
+    enable_gradient_checkpointing(model, k, offload)
     if k == 0:  # everything fits whole
         for block in blocks:
             block.gradient_checkpointing = False

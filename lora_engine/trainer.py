@@ -148,6 +148,9 @@ class TrainConfig:
     checkpoint_budget_gib: float = _opt(0.0, "with --gradient-checkpointing on CUDA: recompute only as many layers "
                                         "as keep a step's peak memory under this many GiB (measured on the first "
                                         "batch; 0: off)", "optimization", metavar="GIB")
+    checkpoint_offload: bool = _opt(False, "with --gradient-checkpointing on CUDA: keep each checkpointed layer's "
+                                    "input in CPU memory (less GPU memory, the time of the copies); one GPU or DDP",
+                                    "optimization")
     fused: bool = _opt(True, "fused kernels for RMSNorm, SwiGLU and the LM head + loss (Llama, Mistral, Qwen2; "
                        "other models are unchanged)", "optimization")
     fsdp: bool = _opt(False, "under torchrun in LoRA mode: shard the model with FSDP2, for models that do not "
@@ -251,8 +254,13 @@ class TrainConfig:
             bad("pack applies to task causal-lm only")
         if self.resume and self.overwrite:
             bad("--resume and --overwrite contradict each other: pick one")
-        if (self.checkpoint_layers or self.checkpoint_budget_gib) and not self.gradient_checkpointing:
-            bad("checkpoint_layers and checkpoint_budget_gib apply with --gradient-checkpointing; add it")
+        if ((self.checkpoint_layers or self.checkpoint_budget_gib or self.checkpoint_offload)
+                and not self.gradient_checkpointing):
+            bad("checkpoint_layers, checkpoint_budget_gib and checkpoint_offload apply with "
+                "--gradient-checkpointing; add it")
+        if self.checkpoint_offload and self.fsdp:
+            bad("checkpoint_offload does not combine with fsdp (FSDP2 gathers weights around each layer); "
+                "drop one of them")
         if self.checkpoint_budget_gib < 0:
             bad(f"checkpoint_budget_gib must be >= 0, got {self.checkpoint_budget_gib}")
         if self.checkpoint_layers and self.checkpoint_budget_gib:
@@ -390,10 +398,10 @@ def load_model(path: str, task: str, num_labels: int | None = None) -> nn.Module
         raise ConfigError(f"cannot load {path!r} as a {auto.__name__[9:]} model: {e}") from None
 
 
-def enable_gradient_checkpointing(model: nn.Module, layers: int = 0) -> None:
+def enable_gradient_checkpointing(model: nn.Module, layers: int = 0, offload: bool = False) -> None:
     """`checkpointing.enable_gradient_checkpointing`, its errors as ConfigError (the CLI prints them)."""
     try:
-        _enable_checkpointing(model, layers)
+        _enable_checkpointing(model, layers, offload)
     except CheckpointingError as e:
         raise ConfigError(str(e)) from None
 
@@ -807,7 +815,7 @@ class Trainer:
             model.to(torch.bfloat16)  # LoRA weights, made after this, stay fp32 (as PEFT)
         model.to(self.device)
         if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model, cfg.checkpoint_layers)
+            enable_gradient_checkpointing(model, cfg.checkpoint_layers, cfg.checkpoint_offload)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         if cfg.mode == "lora":
@@ -899,7 +907,8 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[self.device]):
             try:
-                k = fit_checkpointing(self.model, forward_backward, int(cfg.checkpoint_budget_gib * 2**30))
+                k = fit_checkpointing(self.model, forward_backward, int(cfg.checkpoint_budget_gib * 2**30),
+                                      offload=cfg.checkpoint_offload)
             except CheckpointingError as e:
                 raise ConfigError(str(e)) from None
             finally:
