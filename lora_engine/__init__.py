@@ -1,8 +1,20 @@
 """lora-engine: kernel-accelerated LoRA fine-tuning for Hugging Face transformers."""
 
 from lora_engine.adapters import load_adapter, merge, save_adapter, unmerge, unpatch_model
+from lora_engine.checkpointing import enable_gradient_checkpointing, fit_checkpointing
+from lora_engine.fusions import fuse_model, fused_ops, unfuse_model
 from lora_engine.layers import LoRALinear
-from lora_engine.ops import lora_linear, lora_linear_reference, set_base_gemm
+from lora_engine.ops import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    lora_linear,
+    lora_linear_reference,
+    rms_norm,
+    rms_norm_reference,
+    set_base_gemm,
+    silu_mul,
+    silu_mul_reference,
+)
 from lora_engine.optim import AdamW8bit
 from lora_engine.patch import (
     disable_adapters,
@@ -18,5 +30,8 @@ __all__ += [
     "LoRALinear", "patch_model", "unpatch_model", "lora_parameters", "lora_state_dict", "set_adapter",
     "disable_adapters", "save_adapter", "load_adapter", "merge", "unmerge",
 ]
+__all__ += ["rms_norm", "rms_norm_reference", "silu_mul", "silu_mul_reference", "linear_cross_entropy",
+            "linear_cross_entropy_reference"]
+__all__ += ["fuse_model", "unfuse_model", "fused_ops", "enable_gradient_checkpointing", "fit_checkpointing"]
 __all__ += ["Trainer", "TrainConfig"]
 __version__ = "0.1.0"
