@@ -96,6 +96,14 @@ def kernel_supports(weight: torch.Tensor) -> bool:
     return weight.dtype in _KERNEL_DTYPES and (weight.is_cuda or interpret)
 
 
+@triton.jit
+def _cast(v, ptr, ROUND_BF16: tl.constexpr):
+    """fp32 v converted (for a store) to the element type of ptr, rounding to nearest even."""
+    if ROUND_BF16:
+        v = _round_to_bf16(v)
+    return v.to(ptr.dtype.element_ty)
+
+
 def _operand_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     # tl.dot needs both operands in one dtype; bf16·bf16 and fp16·fp16 products are exact in fp32.
     if a.dtype == b.dtype and a.dtype in _KERNEL_DTYPES:

@@ -19,21 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .merge import _round_to_bf16
+from .merge import _cast
 
 # Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Widest row kept in registers in one piece (a power of 2); read at call time, so tests can lower it.
 MAX_BLOCK = 8192
-
-
-@triton.jit
-def _cast(v, ptr, ROUND_BF16: tl.constexpr):
-    """fp32 v converted to the element type of ptr, rounding to nearest even."""
-    if ROUND_BF16:
-        v = _round_to_bf16(v)
-    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit

@@ -14,20 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .merge import _round_to_bf16
+from .merge import _cast
 
 # Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BLOCK = 2048
 _NUM_WARPS = 4
-
-
-@triton.jit
-def _cast(v, ptr, ROUND_BF16: tl.constexpr):
-    """fp32 v converted to the element type of ptr, rounding to nearest even."""
-    if ROUND_BF16:
-        v = _round_to_bf16(v)
-    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
