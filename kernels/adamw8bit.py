@@ -3,10 +3,23 @@
 One launch updates every tensor of a launch group (same param group, device, param/grad dtype and
 state kind), whatever their number and sizes. The group is described by a pointer table:
 
-    table     int64 (n_tensors, NCOLS): per tensor the addresses of param, grad, state1, state2,
-              absmax1, absmax2 and step, then numel, its first program id and its seed index
+    table     int64 (n_tensors, NCOLS): per tensor the offsets of param, grad, state1 and state2
+              from their anchors (see below), the addresses of absmax1, absmax2 and step, then
+              numel, its first program id and its seed index
     programs  int32 (n_programs,): the table row each program works on
     scalars   fp32 (n_tensors, 2): step_size and sqrt(bias_correction2) of this step, per tensor
+
+Addressing: each stream's tensors are reached as `anchor + offset * UNIT`, the anchor a small tensor
+of the stream's dtype passed as a kernel argument. When every address of the group is a multiple
+of 16 bytes the offsets are in 16-byte units (UNIT = 16 / element size), so the compiler can prove
+the alignment and load and store 16 bytes at a time; otherwise they are in elements (UNIT = 1). A
+program whose chunk lies inside its tensor (all but the last of each tensor) runs unmasked.
+
+The update kernel is bound by latency (a chain of dependent loads: program map, table row, data,
+map gathers, LUT gathers), so occupancy is what speeds it up: it is compiled with at most
+`MAXNREG` registers a thread. With the two changes above that took the bf16 update of a 1.1B
+model from 10.0 to 6.8 ms on an H100 (benchmarks/profile_optim.py, NOTES_optim.md). Fused
+multiply-adds are off (no cost measured there): the GPU then rounds as the torch reference does.
 
 Each program owns `BLOCKS` consecutive quantization blocks of `BLOCK` elements of one tensor, so a
 block's absmax never leaves the program. Per element the update kernel reads param, grad, two
@@ -52,10 +65,12 @@ COL_SEED = tl.constexpr(9)
 NCOLS = tl.constexpr(10)
 
 # Elements a program updates (a whole number of quantization blocks) and its warps: 1024 over 4 warps
-# is 8 per thread (16-byte loads for 16-bit params). Fastest of five shapes on an H200 (1.1B model:
-# 10.1 ms against 13.1 ms for 2048/8; benchmarks/RESULTS.md).
+# is 8 per thread (one 16-byte access of a 16-bit stream). 512/4 and 2048/4 were slower on an H100.
 CHUNK = 1024
 NUM_WARPS = 4
+# Registers a thread of the update kernel may use (None: the compiler's choice, 80 for bf16): 64
+# runs 8 programs an SM instead of 6; 6.7 against 7.9 ms on an H100 (56: 6.8, 72: 7.2).
+MAXNREG = 64
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -97,25 +112,44 @@ def _pow_f64(base, e):
     return acc
 
 
+@triton.jit
+def _chunk(table_ptr, prog_ptr, pid, BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's table row, tensor index, numel, chunk index and the chunk's block ids."""
+    t_idx = tl.load(prog_ptr + pid).to(tl.int64)
+    row = table_ptr + t_idx * NCOLS
+    numel = tl.load(row + COL_NUMEL)
+    chunk = pid - tl.load(row + COL_FIRST_PROG)
+    blk = chunk * BLOCKS + tl.arange(0, BLOCKS)
+    return row, t_idx, numel, chunk, blk
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels.
 
 
 @triton.jit
-def _nonfinite_kernel(table_ptr, prog_ptr, flag_ptr,
-                      G_DTYPE: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
-    """flag = 1 when any gradient element of this program's chunk is inf or NaN."""
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(prog_ptr + pid).to(tl.int64) * NCOLS
-    numel = tl.load(row + COL_NUMEL)
-    chunk = pid - tl.load(row + COL_FIRST_PROG)
-    offs = (chunk * BLOCKS + tl.arange(0, BLOCKS))[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    g_ptr = tl.load(row + COL_GRAD).to(tl.pointer_type(G_DTYPE))
-    g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+def _nonfinite_chunk(g_ptr, offs, numel, flag_ptr, MASKED: tl.constexpr):
+    if MASKED:
+        g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs).to(tl.float32)
     # NaN fails every comparison, inf fails this one.
     n_bad = tl.sum(tl.sum((~(tl.abs(g) <= 3.4028234663852886e38)).to(tl.int32), axis=1), axis=0)
     if n_bad > 0:
         tl.store(flag_ptr, 1)
+
+
+@triton.jit
+def _nonfinite_kernel(table_ptr, prog_ptr, flag_ptr, g_anchor,
+                      G_UNIT: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """flag = 1 when any gradient element of this program's chunk is inf or NaN."""
+    row, t_idx, numel, chunk, blk = _chunk(table_ptr, prog_ptr, tl.program_id(0), BLOCKS, BLOCK)
+    offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    g_ptr = g_anchor + tl.load(row + COL_GRAD) * G_UNIT
+    if (chunk + 1) * (BLOCKS * BLOCK) <= numel:
+        _nonfinite_chunk(g_ptr, offs, numel, flag_ptr, MASKED=False)
+    else:
+        _nonfinite_chunk(g_ptr, offs, numel, flag_ptr, MASKED=True)
 
 
 @triton.jit
@@ -135,86 +169,124 @@ def _advance_steps_kernel(table_ptr, scal_ptr, flag_ptr, lr, beta1, beta2):
 
 
 @triton.jit
-def _adamw_kernel(
-    table_ptr, prog_ptr, scal_ptr, flag_ptr,
+def _adamw_chunk(
+    row, offs, blk, numel, p_ptr, g_ptr, s1_ptr, s2_ptr, step_size, sqrt_bc2,
     map1_ptr, mid1_ptr, lut1_ptr, map2_ptr, mid2_ptr, lut2_ptr,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr,
-    BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
+    P_DTYPE: tl.constexpr, QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One AdamW step of BLOCKS·BLOCK elements of one tensor: dequantize, update, requantize."""
-    if tl.load(flag_ptr) == 0:
-        pid = tl.program_id(0)
-        t_idx = tl.load(prog_ptr + pid).to(tl.int64)
-        row = table_ptr + t_idx * NCOLS
-        numel = tl.load(row + COL_NUMEL)
-        chunk = pid - tl.load(row + COL_FIRST_PROG)
-        blk = chunk * BLOCKS + tl.arange(0, BLOCKS)
-        offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    """One AdamW step of one chunk: dequantize, update, requantize. MASKED: the chunk passes the
+    tensor's end (lanes past it read zeros and write nothing). Loads first, stores last: the order
+    of benchmarks/profile_optim.py's fastest variant."""
+    if QUANTIZED:
+        a1_ptr = tl.load(row + COL_ABSMAX1).to(tl.pointer_type(tl.float32))
+        a2_ptr = tl.load(row + COL_ABSMAX2).to(tl.pointer_type(tl.float32))
+    if MASKED:
         mask = offs < numel
-        step_size = tl.load(scal_ptr + 2 * t_idx)
-        sqrt_bc2 = tl.load(scal_ptr + 2 * t_idx + 1)
-
-        p_ptr = tl.load(row + COL_PARAM).to(tl.pointer_type(P_DTYPE))
-        g_ptr = tl.load(row + COL_GRAD).to(tl.pointer_type(G_DTYPE))
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if QUANTIZED:
-            s1_ptr = tl.load(row + COL_STATE1).to(tl.pointer_type(tl.uint8))
-            s2_ptr = tl.load(row + COL_STATE2).to(tl.pointer_type(tl.uint8))
-            a1_ptr = tl.load(row + COL_ABSMAX1).to(tl.pointer_type(tl.float32))
-            a2_ptr = tl.load(row + COL_ABSMAX2).to(tl.pointer_type(tl.float32))
+    else:
+        mask = None
+        p = tl.load(p_ptr + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs).to(tl.float32)
+    if QUANTIZED:
+        if MASKED:
             blk_ok = blk * BLOCK < numel
             c1 = tl.load(s1_ptr + offs, mask=mask, other=0).to(tl.int32)
             c2 = tl.load(s2_ptr + offs, mask=mask, other=0).to(tl.int32)
             a1 = tl.load(a1_ptr + blk, mask=blk_ok, other=0.0)
             a2 = tl.load(a2_ptr + blk, mask=blk_ok, other=0.0)
-            # Lanes past the end hold 0 (g is 0 there too), so they do not count in the new absmax.
-            m = tl.where(mask, tl.load(map1_ptr + c1) * a1[:, None], 0.0)
-            v = tl.where(mask, tl.load(map2_ptr + c2) * a2[:, None], 0.0)
         else:
-            s1_ptr = tl.load(row + COL_STATE1).to(tl.pointer_type(tl.float32))
-            s2_ptr = tl.load(row + COL_STATE2).to(tl.pointer_type(tl.float32))
+            blk_ok = None
+            c1 = tl.load(s1_ptr + offs).to(tl.int32)
+            c2 = tl.load(s2_ptr + offs).to(tl.int32)
+            a1 = tl.load(a1_ptr + blk)
+            a2 = tl.load(a2_ptr + blk)
+        m = tl.load(map1_ptr + c1) * a1[:, None]
+        v = tl.load(map2_ptr + c2) * a2[:, None]
+        if MASKED:
+            # Lanes past the end hold 0 (g is 0 there too), so they do not count in the new absmax.
+            m = tl.where(mask, m, 0.0)
+            v = tl.where(mask, v, 0.0)
+    else:
+        if MASKED:
             m = tl.load(s1_ptr + offs, mask=mask, other=0.0)
             v = tl.load(s2_ptr + offs, mask=mask, other=0.0)
-
-        # The torch reference performs these same fp32 operations in this order.
-        m = m * beta1 + g * one_minus_beta1
-        v = v * beta2 + (g * g) * one_minus_beta2
-        p = p * decay
-        # IEEE-rounded sqrt and division: the defaults compile to approximate PTX on the GPU, which
-        # would drift fp32 params from the reference (and from the CPU interpreter) by many ulp.
-        denom = tl.math.div_rn(tl.math.sqrt_rn(v), sqrt_bc2) + eps
-        p = p - step_size * tl.math.div_rn(m, denom)
-
-        if QUANTIZED:
-            n1 = tl.max(tl.abs(m), axis=1)
-            n2 = tl.max(v, axis=1)
-            one = tl.full((BLOCKS,), 1.0, tl.float32)
-            inv1 = tl.where(n1 > 0, tl.math.div_rn(one, tl.where(n1 > 0, n1, 1.0)), 0.0)
-            inv2 = tl.where(n2 > 0, tl.math.div_rn(one, tl.where(n2 > 0, n2, 1.0)), 0.0)
-            tl.store(s1_ptr + offs, _nearest_code(m * inv1[:, None], mid1_ptr, lut1_ptr), mask=mask)
-            tl.store(s2_ptr + offs, _nearest_code(v * inv2[:, None], mid2_ptr, lut2_ptr), mask=mask)
-            tl.store(a1_ptr + blk, n1, mask=blk_ok)
-            tl.store(a2_ptr + blk, n2, mask=blk_ok)
         else:
-            tl.store(s1_ptr + offs, m, mask=mask)
-            tl.store(s2_ptr + offs, v, mask=mask)
+            m = tl.load(s1_ptr + offs)
+            v = tl.load(s2_ptr + offs)
 
-        if P_DTYPE == tl.bfloat16:
-            # Round to bf16 on the bits (the interpreter's own cast truncates): add 16 bits below
-            # bf16's last bit (random ones, or half an ulp and the tie-to-even bit), truncate.
-            bits = p.to(tl.uint32, bitcast=True)
-            if STOCHASTIC:
-                step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))
-                t = tl.load(step_ptr).to(tl.uint32)
-                seed = tl.load(row + COL_SEED).to(tl.uint32)
-                r = _mix32(offs.to(tl.uint32) ^ _mix32(seed * 0x9E3779B9 + t))
-                bits = bits + (r & 0xFFFF)
-            else:
-                bits = bits + (0x7FFF + ((bits >> 16) & 1))
-            p = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    # The torch reference performs these same fp32 operations in this order.
+    m = m * beta1 + g * one_minus_beta1
+    v = v * beta2 + (g * g) * one_minus_beta2
+    p = p * decay
+    # IEEE-rounded sqrt and division: the defaults compile to approximate PTX on the GPU, which
+    # would drift fp32 params from the reference (and from the CPU interpreter) by many ulp.
+    denom = tl.math.div_rn(tl.math.sqrt_rn(v), sqrt_bc2) + eps
+    p = p - step_size * tl.math.div_rn(m, denom)
+
+    if QUANTIZED:
+        n1 = tl.max(tl.abs(m), axis=1)
+        n2 = tl.max(v, axis=1)
+        one = tl.full(n1.shape, 1.0, tl.float32)
+        inv1 = tl.where(n1 > 0, tl.math.div_rn(one, tl.where(n1 > 0, n1, 1.0)), 0.0)
+        inv2 = tl.where(n2 > 0, tl.math.div_rn(one, tl.where(n2 > 0, n2, 1.0)), 0.0)
+        q1 = _nearest_code(m * inv1[:, None], mid1_ptr, lut1_ptr)
+        q2 = _nearest_code(v * inv2[:, None], mid2_ptr, lut2_ptr)
+
+    if P_DTYPE == tl.bfloat16:
+        # Round to bf16 on the bits (the interpreter's own cast truncates): add 16 bits below
+        # bf16's last bit (random ones, or half an ulp and the tie-to-even bit), truncate.
+        bits = p.to(tl.uint32, bitcast=True)
+        if STOCHASTIC:
+            step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))
+            t = tl.load(step_ptr).to(tl.uint32)
+            seed = tl.load(row + COL_SEED).to(tl.uint32)
+            r = _mix32(offs.to(tl.uint32) ^ _mix32(seed * 0x9E3779B9 + t))
+            bits = bits + (r & 0xFFFF)
+        else:
+            bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        p = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+    if QUANTIZED:
+        tl.store(s1_ptr + offs, q1, mask=mask)
+        tl.store(s2_ptr + offs, q2, mask=mask)
+        tl.store(a1_ptr + blk, n1, mask=blk_ok)
+        tl.store(a2_ptr + blk, n2, mask=blk_ok)
+    else:
+        tl.store(s1_ptr + offs, m, mask=mask)
+        tl.store(s2_ptr + offs, v, mask=mask)
+    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adamw_kernel(
+    table_ptr, prog_ptr, scal_ptr, flag_ptr, p_anchor, g_anchor, s1_anchor, s2_anchor,
+    map1_ptr, mid1_ptr, lut1_ptr, map2_ptr, mid2_ptr, lut2_ptr,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
+    P_DTYPE: tl.constexpr, P_UNIT: tl.constexpr, G_UNIT: tl.constexpr, S_UNIT: tl.constexpr,
+    QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One AdamW step of BLOCKS·BLOCK elements of one tensor, unless the step is skipped."""
+    if tl.load(flag_ptr) == 0:
+        row, t_idx, numel, chunk, blk = _chunk(table_ptr, prog_ptr, tl.program_id(0), BLOCKS, BLOCK)
+        offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        step_size = tl.load(scal_ptr + 2 * t_idx)
+        sqrt_bc2 = tl.load(scal_ptr + 2 * t_idx + 1)
+        p_ptr = p_anchor + tl.load(row + COL_PARAM) * P_UNIT
+        g_ptr = g_anchor + tl.load(row + COL_GRAD) * G_UNIT
+        s1_ptr = s1_anchor + tl.load(row + COL_STATE1) * S_UNIT
+        s2_ptr = s2_anchor + tl.load(row + COL_STATE2) * S_UNIT
+        args = (row, offs, blk, numel, p_ptr, g_ptr, s1_ptr, s2_ptr, step_size, sqrt_bc2,
+                map1_ptr, mid1_ptr, lut1_ptr, map2_ptr, mid2_ptr, lut2_ptr,
+                beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay)
+        if (chunk + 1) * (BLOCKS * BLOCK) <= numel:
+            _adamw_chunk(*args, P_DTYPE=P_DTYPE, QUANTIZED=QUANTIZED, STOCHASTIC=STOCHASTIC,
+                         BLOCK=BLOCK, MASKED=False)
+        else:
+            _adamw_chunk(*args, P_DTYPE=P_DTYPE, QUANTIZED=QUANTIZED, STOCHASTIC=STOCHASTIC,
+                         BLOCK=BLOCK, MASKED=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,13 +298,27 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+_ANCHORS: dict = {}
+
+
+def _anchor(device, dtype) -> torch.Tensor:
+    """A small tensor of `dtype` on `device`, kept for the process: the base address every stream
+    of that dtype is reached from (its address never changes, so launch tables stay valid)."""
+    key = (str(torch.device(device)), dtype)
+    if key not in _ANCHORS:
+        _ANCHORS[key] = torch.zeros(64, dtype=dtype, device=device)
+    return _ANCHORS[key]
+
+
 class LaunchTable:
     """The device-side description of one launch group (see the module docstring).
 
-    Built once per set of tensor addresses; `quantized` says which state kind the rows hold.
+    Built once per set of tensor addresses; `quantized` says which state kind the rows hold,
+    `anchors` the (param, grad, state1, state2) base tensors and `units` the elements per offset
+    unit of each stream (16 bytes' worth when `aligned`, else 1).
     """
 
-    def __init__(self, table, programs, scalars, n_programs, blocks, block, quantized):
+    def __init__(self, table, programs, scalars, n_programs, blocks, block, quantized, anchors, units):
         self.table = table
         self.programs = programs
         self.scalars = scalars
@@ -241,6 +327,9 @@ class LaunchTable:
         self.blocks = blocks
         self.block = block
         self.quantized = quantized
+        self.anchors = anchors
+        self.units = units
+        self.aligned = any(u > 1 for u in units)
 
 
 def chunk_blocks(block_size: int) -> int:
@@ -252,20 +341,26 @@ def make_table(params, grads, states1, states2, absmax1, absmax2, steps, seeds, 
                programs=None):
     """LaunchTable for tensors given as equal-length lists (absmax1/absmax2 None for fp32 states).
 
-    params: contiguous, any of fp32/bf16/fp16 (one dtype per table); grads: contiguous, like params;
+    params: contiguous, any of fp32/bf16/fp16 (one dtype per table); grads: contiguous, one dtype;
     states1/states2: uint8 or fp32 (numel,); absmax*: fp32 (ceil(numel / block_size),);
     steps: fp32 0-dim; seeds: ints (stochastic-rounding stream of each tensor).
     `programs` may pass back a previous table's program map when the numels are unchanged.
     """
     blocks = chunk_blocks(block_size)
     chunk = blocks * block_size
-    rows, first, counts = [], 0, []
     quantized = absmax1 is not None
+    streams = (params, grads, states1, states2)
+    anchors = tuple(_anchor(device, s[0].dtype) for s in streams)
+    aligned = all(t.data_ptr() % 16 == 0 for s in streams for t in s)
+    units = tuple(16 // a.element_size() if aligned else 1 for a in anchors)
+    rows, first, counts = [], 0, []
     for i, p in enumerate(params):
         n = p.numel()
         n_prog = triton.cdiv(n, chunk)
+        offsets = [(s[i].data_ptr() - a.data_ptr()) // (a.element_size() * u)
+                   for s, a, u in zip(streams, anchors, units)]
         rows.append([
-            p.data_ptr(), grads[i].data_ptr(), states1[i].data_ptr(), states2[i].data_ptr(),
+            *offsets,
             absmax1[i].data_ptr() if quantized else 0, absmax2[i].data_ptr() if quantized else 0,
             steps[i].data_ptr(), n, first, seeds[i],
         ])
@@ -277,14 +372,15 @@ def make_table(params, grads, states1, states2, absmax1, absmax2, steps, seeds, 
             torch.arange(len(rows), dtype=torch.int32), torch.tensor(counts, dtype=torch.int64)
         ).to(device, non_blocking=True)
     scalars = torch.zeros((len(rows), 2), dtype=torch.float32, device=device)
-    return LaunchTable(table, programs, scalars, first, blocks, block_size, quantized)
+    return LaunchTable(table, programs, scalars, first, blocks, block_size, quantized, anchors, units)
 
 
 def nonfinite_check_(tab: LaunchTable, grad_dtype: torch.dtype, flag: torch.Tensor) -> None:
     """Sets flag (int32, (1,)) to 1 if any gradient of the table holds inf or NaN; never clears it."""
+    assert tab.anchors[1].dtype == grad_dtype
     _nonfinite_kernel[(tab.n_programs,)](
-        tab.table, tab.programs, flag,
-        G_DTYPE=_TL_DTYPE[grad_dtype], BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=NUM_WARPS,
+        tab.table, tab.programs, flag, tab.anchors[1],
+        G_UNIT=tab.units[1], BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=NUM_WARPS,
     )
 
 
@@ -294,16 +390,20 @@ def adamw_step_(tab: LaunchTable, flag, maps, *, lr, beta1, beta2, eps, weight_d
 
     maps: (map1, mid1, lut1, map2, mid2, lut2) on the device: fp32 (256,), fp32 (256,),
     uint8 (65536,) for the signed (first moment) and the unsigned (second moment) map; unused
-    when the table holds fp32 states. Hyperparameters are rounded to fp32 on the way in.
+    when the table holds fp32 states.
+    Hyperparameters are rounded to fp32 on the way in.
     """
+    assert tab.anchors[0].dtype == param_dtype and tab.anchors[1].dtype == grad_dtype
     _advance_steps_kernel[(tab.n_tensors,)](
         tab.table, tab.scalars, flag, _f32(lr), _f32(beta1), _f32(beta2), num_warps=1,
     )
     _adamw_kernel[(tab.n_programs,)](
-        tab.table, tab.programs, tab.scalars, flag, *maps,
+        tab.table, tab.programs, tab.scalars, flag, *tab.anchors, *maps,
         _f32(beta1), _f32(beta2), _f32(1.0 - beta1), _f32(1.0 - beta2), _f32(eps),
         _f32(1.0 - lr * weight_decay),
-        P_DTYPE=_TL_DTYPE[param_dtype], G_DTYPE=_TL_DTYPE[grad_dtype], QUANTIZED=tab.quantized,
+        P_DTYPE=_TL_DTYPE[param_dtype], P_UNIT=tab.units[0], G_UNIT=tab.units[1], S_UNIT=tab.units[2],
+        QUANTIZED=tab.quantized,
         STOCHASTIC=bool(stochastic_rounding) and param_dtype == torch.bfloat16,
-        BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=num_warps or NUM_WARPS,
+        BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,
+        **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )
