@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from lora_engine.checkpointing import saved_bytes
 from lora_engine.ops import kernels_available, rms_norm, rms_norm_reference, silu_mul, silu_mul_reference
 
 SHAPES = [(16384, 2048, 5632), (8192, 4096, 14336)]  # (tokens M, hidden H, intermediate I)
@@ -42,19 +43,6 @@ def median_ms(fn, device: str) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while fn() runs."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape), t.stride())] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

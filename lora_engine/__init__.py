@@ -1,7 +1,7 @@
 """lora-engine: kernel-accelerated LoRA fine-tuning for Hugging Face transformers."""
 
 from lora_engine.adapters import load_adapter, merge, save_adapter, unmerge, unpatch_model
-from lora_engine.checkpointing import enable_gradient_checkpointing, fit_checkpointing
+from lora_engine.checkpointing import enable_gradient_checkpointing, fit_checkpointing, saved_bytes
 from lora_engine.fusions import fuse_model, fused_ops, unfuse_model
 from lora_engine.layers import LoRALinear
 from lora_engine.ops import (
@@ -32,6 +32,7 @@ __all__ += [
 ]
 __all__ += ["rms_norm", "rms_norm_reference", "silu_mul", "silu_mul_reference", "linear_cross_entropy",
             "linear_cross_entropy_reference"]
-__all__ += ["fuse_model", "unfuse_model", "fused_ops", "enable_gradient_checkpointing", "fit_checkpointing"]
+__all__ += ["fuse_model", "unfuse_model", "fused_ops", "enable_gradient_checkpointing", "fit_checkpointing",
+            "saved_bytes"]
 __all__ += ["Trainer", "TrainConfig"]
 __version__ = "0.1.0"

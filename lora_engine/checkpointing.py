@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointingError", "checkpointed_layers", "enable_gradient_checkpointing", "fit_checkpointing",
-           "offloaded_checkpoint"]
+           "offloaded_checkpoint", "saved_bytes"]
 
 
 class CheckpointingError(ValueError):
@@ -125,6 +125,20 @@ def offloaded_checkpoint(function: Callable, x: torch.Tensor, *args, **kwargs):
     run = (lambda t: function(t, *args, **kwargs)) if (args or kwargs) else function
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return _OffloadedCheckpoint.apply(run, anchor, x)
+
+
+def saved_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while fn() runs (a tensor saved
+    twice, or two views with one address, shape and stride, count once)."""
+    seen = {}
+
+    def pack(t: torch.Tensor):
+        seen[(t.data_ptr(), t.dtype, tuple(t.shape), t.stride())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine import ops
+from lora_engine.checkpointing import saved_bytes
 from lora_engine.kernels import rmsnorm as rmsnorm_kernels
 from lora_engine.ops import rms_norm, rms_norm_reference, silu_mul, silu_mul_reference
 
@@ -33,19 +34,6 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     info = torch.finfo(dtype)
     mag = x.double().abs().clamp_min(info.tiny)
     return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while fn() runs."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.data_ptr(), t.dtype, tuple(t.shape), t.stride())] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def assert_close(outs, refs, tol, names):
