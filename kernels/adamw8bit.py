@@ -375,9 +375,8 @@ def make_table(params, grads, states1, states2, absmax1, absmax2, steps, seeds, 
     return LaunchTable(table, programs, scalars, first, blocks, block_size, quantized, anchors, units)
 
 
-def nonfinite_check_(tab: LaunchTable, grad_dtype: torch.dtype, flag: torch.Tensor) -> None:
+def nonfinite_check_(tab: LaunchTable, flag: torch.Tensor) -> None:
     """Sets flag (int32, (1,)) to 1 if any gradient of the table holds inf or NaN; never clears it."""
-    assert tab.anchors[1].dtype == grad_dtype
     _nonfinite_kernel[(tab.n_programs,)](
         tab.table, tab.programs, flag, tab.anchors[1],
         G_UNIT=tab.units[1], BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=NUM_WARPS,
@@ -385,15 +384,16 @@ def nonfinite_check_(tab: LaunchTable, grad_dtype: torch.dtype, flag: torch.Tens
 
 
 def adamw_step_(tab: LaunchTable, flag, maps, *, lr, beta1, beta2, eps, weight_decay,
-                param_dtype, grad_dtype, stochastic_rounding=False, num_warps=None):
+                stochastic_rounding=False, num_warps=None):
     """One AdamW step, in place, of every tensor of the table, unless flag (int32, (1,)) is set.
+    The param dtype is the table's (its param anchor's).
 
     maps: (map1, mid1, lut1, map2, mid2, lut2) on the device: fp32 (256,), fp32 (256,),
     uint8 (65536,) for the signed (first moment) and the unsigned (second moment) map; unused
     when the table holds fp32 states.
     Hyperparameters are rounded to fp32 on the way in.
     """
-    assert tab.anchors[0].dtype == param_dtype and tab.anchors[1].dtype == grad_dtype
+    param_dtype = tab.anchors[0].dtype
     _advance_steps_kernel[(tab.n_tensors,)](
         tab.table, tab.scalars, flag, _f32(lr), _f32(beta1), _f32(beta2), num_warps=1,
     )

@@ -480,7 +480,7 @@ class AdamW8bit(torch.optim.Optimizer):
             tables[key] = tab
             keep_alive.append(grads)
             if self.skip_nonfinite:
-                _k.nonfinite_check_(tab, key[3], self._flags[key[1]])
+                _k.nonfinite_check_(tab, self._flags[key[1]])
         shards = _shard_group(p for items in launch.values() for _, p in items) if self.skip_nonfinite else None
         if shards is not None:
             # One verdict for all shards of the params (on the device: no host sync).
@@ -497,8 +497,7 @@ class AdamW8bit(torch.optim.Optimizer):
             _k.adamw_step_(
                 tab, self._flags[key[1]], quant_maps(key[1]).kernel_args(),
                 lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                weight_decay=group["weight_decay"], param_dtype=key[2], grad_dtype=key[3],
-                stochastic_rounding=group["stochastic_rounding"],
+                weight_decay=group["weight_decay"], stochastic_rounding=group["stochastic_rounding"],
             )
         for d in devices:
             self._skipped[d] += self._flags[d]
