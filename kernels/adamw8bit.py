@@ -51,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import cdiv
+
 # Columns of the pointer table.
 COL_PARAM = tl.constexpr(0)
 COL_GRAD = tl.constexpr(1)
@@ -356,7 +358,7 @@ def make_table(params, grads, states1, states2, absmax1, absmax2, steps, seeds, 
     rows, first, counts = [], 0, []
     for i, p in enumerate(params):
         n = p.numel()
-        n_prog = triton.cdiv(n, chunk)
+        n_prog = cdiv(n, chunk)
         offsets = [(s[i].data_ptr() - a.data_ptr()) // (a.element_size() * u)
                    for s, a, u in zip(streams, anchors, units)]
         rows.append([

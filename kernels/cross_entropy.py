@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import launch, next_power_of_2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -66,8 +68,9 @@ def cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
     if rows == 0:
         return loss
-    block = min(triton.next_power_of_2(vocab), 1024 if _INTERPRET else 4096)
-    _ce_grad_kernel[(rows,)](
-        logits, logits.stride(0), labels, loss, vocab, ignore_index, BLOCK=block, num_warps=8 if block >= 4096 else 4
+    block = min(next_power_of_2(vocab), 1024 if _INTERPRET else 4096)
+    launch(
+        _ce_grad_kernel, (rows,), (logits, logits.stride(0), labels, loss, vocab, ignore_index),
+        dict(BLOCK=block), num_warps=8 if block >= 4096 else 4,
     )
     return loss

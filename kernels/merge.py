@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import cdiv
+
 # Under TRITON_INTERPRET=1 (CPU) autotuning would run every config on numpy: one small config there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -140,7 +142,7 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
     dtype = _operand_dtype(lora_a, lora_b)
     a = lora_a.to(device=weight.device, dtype=dtype)
     b = lora_b.to(device=weight.device, dtype=dtype)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))
+    grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), cdiv(N, meta["BLOCK_N"]))
     _merge_kernel[grid](
         weight, a, b, N, K, R,
         weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import cdiv, launch, next_power_of_2
+
 from .merge import _cast
 
 # Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
@@ -138,9 +140,9 @@ def _tiling(M: int, H: int) -> tuple[int, int, bool, int]:
     """(ROWS, BLOCK_H, SINGLE, num_warps): short rows are grouped so a program holds >= 2048 columns."""
     if MAX_BLOCK & (MAX_BLOCK - 1):
         raise ValueError(f"MAX_BLOCK must be a power of 2, got {MAX_BLOCK}")
-    block_h = min(triton.next_power_of_2(H), MAX_BLOCK)
+    block_h = min(next_power_of_2(H), MAX_BLOCK)
     single = H <= block_h
-    rows = max(1, min(2048 // block_h, 32, triton.next_power_of_2(M))) if single else 1
+    rows = max(1, min(2048 // block_h, 32, next_power_of_2(M))) if single else 1
     tile = rows * block_h
     num_warps = 16 if tile >= 8192 else 8 if tile >= 2048 else 4
     return rows, block_h, single, num_warps
@@ -157,10 +159,11 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtyp
     rows, block_h, single, num_warps = _tiling(M, H)
     y = torch.empty((M, H), device=x.device, dtype=out_dtype)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-    _rms_norm_fwd_kernel[(triton.cdiv(M, rows),)](
-        x, weight, y, rstd, M, H, x.stride(0), y.stride(0), float(eps),
-        ROWS=rows, BLOCK_H=block_h, SINGLE=single,
-        ROUND_X_BF16=_round_bf16(x.dtype), ROUND_Y_BF16=_round_bf16(out_dtype),
+    launch(
+        _rms_norm_fwd_kernel, (cdiv(M, rows),),
+        (x, weight, y, rstd, M, H, x.stride(0), y.stride(0), float(eps)),
+        dict(ROWS=rows, BLOCK_H=block_h, SINGLE=single,
+             ROUND_X_BF16=_round_bf16(x.dtype), ROUND_Y_BF16=_round_bf16(out_dtype)),
         num_warps=num_warps,
     )
     return y, rstd
@@ -174,7 +177,7 @@ def rms_norm_backward(dy, x, weight, rstd, need_dx: bool = True, need_dw: bool =
     """
     M, H = x.shape
     rows, block_h, single, num_warps = _tiling(M, H)
-    row_blocks = triton.cdiv(M, rows)
+    row_blocks = cdiv(M, rows)
     # Without dw every row block gets its own program; with it, a few programs per SM each loop
     # over row blocks, so the partial sums stay small (n_progs × H fp32).
     n_progs = min(row_blocks, 4 * _num_sms(x.device)) if need_dw else row_blocks
@@ -184,11 +187,12 @@ def rms_norm_backward(dy, x, weight, rstd, need_dx: bool = True, need_dw: bool =
         alloc = torch.empty if single else torch.zeros
         partial = alloc((n_progs, H), device=x.device, dtype=torch.float32)
     dx_ = dx if need_dx else x
-    _rms_norm_bwd_kernel[(n_progs,)](
-        dy, x, weight, rstd, dx_, partial if need_dw else rstd,
-        M, H, dy.stride(0), x.stride(0), dx_.stride(0), n_progs,
-        HAS_DX=need_dx, HAS_DW=need_dw, ROWS=rows, BLOCK_H=block_h, SINGLE=single,
-        ROUND_DX_BF16=_round_bf16(x.dtype),
+    launch(
+        _rms_norm_bwd_kernel, (n_progs,),
+        (dy, x, weight, rstd, dx_, partial if need_dw else rstd,
+         M, H, dy.stride(0), x.stride(0), dx_.stride(0), n_progs),
+        dict(HAS_DX=need_dx, HAS_DW=need_dw, ROWS=rows, BLOCK_H=block_h, SINGLE=single,
+             ROUND_DX_BF16=_round_bf16(x.dtype)),
         num_warps=num_warps,
     )
     dw = partial.sum(0).to(weight.dtype) if need_dw else None

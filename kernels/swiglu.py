@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import cdiv, launch
+
 from .merge import _cast
 
 # Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
@@ -49,8 +51,9 @@ def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up for contiguous gate and up of one shape and dtype: a new tensor like gate."""
     y = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()
-    _silu_mul_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-        gate, up, y, n, BLOCK=_BLOCK, ROUND_BF16=_INTERPRET and gate.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
+    launch(
+        _silu_mul_fwd_kernel, (cdiv(n, _BLOCK),), (gate, up, y, n),
+        dict(BLOCK=_BLOCK, ROUND_BF16=_INTERPRET and gate.dtype == torch.bfloat16), num_warps=_NUM_WARPS,
     )
     return y
 
@@ -60,8 +63,8 @@ def silu_mul_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
     dg = torch.empty_like(gate, memory_format=torch.contiguous_format)
     du = torch.empty_like(up, memory_format=torch.contiguous_format)
     n = gate.numel()
-    _silu_mul_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-        dy, gate, up, dg, du, n, BLOCK=_BLOCK, ROUND_BF16=_INTERPRET and gate.dtype == torch.bfloat16,
-        num_warps=_NUM_WARPS,
+    launch(
+        _silu_mul_bwd_kernel, (cdiv(n, _BLOCK),), (dy, gate, up, dg, du, n),
+        dict(BLOCK=_BLOCK, ROUND_BF16=_INTERPRET and gate.dtype == torch.bfloat16), num_warps=_NUM_WARPS,
     )
     return dg, du
