@@ -1,7 +1,7 @@
 """Triton kernels of the fused LoRA linear, and their launchers.
 
-Forward:  xa = dropout(x) Aᵀ                       (lora_down)
-          y  = x Wᵀ + b + s · xa Bᵀ                 (gemm_lora: the LoRA term is the GEMM's epilogue)
+Forward:  xa = dropout(x) Aᵀ, and y = s · xa Bᵀ + b (lora_down, one launch; cuBLAS then adds x Wᵀ onto y)
+          or y = x Wᵀ + b + s · xa Bᵀ               (gemm_lora: the LoRA term is the GEMM's epilogue)
 Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of dy)
           dA = s · gᵀ dropout(x)                    (lora_grad_a: one read of x)
           dx = dy W + s · mask ⊙ (g A)              (the LoRA term from lora_grad_a's tiles, then
@@ -12,6 +12,11 @@ a seed and the element's (row, column), so backward regenerates it instead of st
 is a (1,) int64 device tensor the kernels load, so drawing it needs no host sync (nor a graph break
 under torch.compile).
 `keep = bits16 >= round(p · 2**16)`: an integer test, reproduced bit-for-bit by the torch reference.
+
+A and B may be fp32 (as patch_model creates them) with x in half precision: every kernel rounds them
+to x's dtype as it loads them, as the reference's `.to(x.dtype)` does, so no cast runs before a launch.
+
+Launches go through `launch.launch` (a cached direct launch) rather than `kernel[grid](...)`.
 
 Reductions across programs (dB, db, g when N is split, dA when M is split) go through fp32
 `atomic_add` into zeroed buffers; the launchers return those fp32 buffers.
@@ -24,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import cdiv, launch, next_power_of_2
+
 # Under TRITON_INTERPRET=1 (CPU) autotuning would run every config on numpy: one small config there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning compiles and times every config for each new (M bucket, N, K, rank): worth it for a
@@ -33,7 +40,7 @@ _AUTOTUNE = os.environ.get("LORA_ENGINE_AUTOTUNE", "0") == "1"
 
 def _rank_pad(r: int) -> int:
     # tl.dot needs every dimension >= 16.
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _gemm_configs():
@@ -129,7 +136,8 @@ def _gemm_lora_kernel(
             c = c.to(tl.float32)
             dt = dt.to(tl.float32)
         else:
-            c = c.to(dt.dtype)
+            c = c.to(a_ptr.dtype.element_ty)
+            dt = dt.to(a_ptr.dtype.element_ty)
         lora = tl.dot(c, dt, input_precision=PRECISION)
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
@@ -160,14 +168,16 @@ def _gemm_heuristic(M: int, N: int) -> dict:
 
 @triton.jit
 def _lora_down_kernel(
-    x_ptr, a_ptr, out_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+    x_ptr, a_ptr, out_ptr, b_ptr, bias_ptr, y_ptr,
+    M, K, R, N,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or, stride_bn, stride_br, stride_ym, stride_yn,
     scale, seed_ptr, threshold,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """out[M, R] = scale · (mask ⊙ x[M, K]) · a[R, K]ᵀ; one pass over x."""
+    """out[M, R] = scale · (mask ⊙ x[M, K]) · a[R, K]ᵀ; one pass over x. With HAS_UP, also
+    y[M, N] = out · b[N, R]ᵀ (+ bias[N]) from out as rounded and stored."""
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
@@ -189,10 +199,26 @@ def _lora_down_kernel(
         if UPCAST:
             x = x.to(tl.float32)
             at = at.to(tl.float32)
+        else:
+            at = at.to(x.dtype)
         acc = tl.dot(x, tl.trans(at), acc, input_precision=PRECISION)
-    acc = acc * scale
+    xa = (acc * scale).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+             xa, mask=mask_m[:, None] & mask_r[None, :])
+    if HAS_UP:
+        if UPCAST:
+            xa = xa.to(tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + offs_n
+            n_ok = ns < N
+            bt = tl.load(b_ptr + offs_r[:, None] * stride_br + ns[None, :] * stride_bn,
+                         mask=mask_r[:, None] & n_ok[None, :], other=0.0)
+            y = tl.dot(xa, bt.to(xa.dtype), input_precision=PRECISION)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + ns[None, :] * stride_yn,
+                     y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -229,6 +255,8 @@ def _lora_dy_kernel(
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
             xa_op = xa.to(tl.float32)
+        else:
+            b = b.to(dy.dtype)
         g = tl.dot(dy, b, g, input_precision=PRECISION)
         db_part = tl.dot(tl.trans(dy), xa_op, input_precision=PRECISION) * scale
         tl.atomic_add(db_ptr + ns[:, None] * R + offs_r[None, :], db_part,
@@ -262,6 +290,8 @@ def _lora_grad_a_kernel(
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
+        else:
+            a = a.to(x_ptr.dtype.element_ty)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -323,7 +353,8 @@ def dropout_threshold(p: float) -> int:
 def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0):
     """out = a · bᵀ (+ bias) + scale · mask ⊙ (c · dᵀ).
 
-    a: (M, K), b: (N, K), bias: (N,) or None, c: (M, R) or None, d: (N, R); any strides.
+    a: (M, K), b: (N, K), bias: (N,) or None, c: (M, R) or None, d: (N, R); any strides. c and d are
+    rounded to a's dtype for their product.
     mask_seed: a (1,) int64 tensor on the device (read in-kernel: no host sync); when given, the LoRA
     term is multiplied by the keep-mask of an (M, N) tensor.
     Returns a new contiguous (M, N) tensor of out_dtype.
@@ -335,41 +366,59 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     R = c.shape[1] if has_lora else 1
     c_ = c if has_lora else a
     d_ = d if has_lora else b
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel, config = (_gemm_lora_autotuned, {}) if _AUTOTUNE else (_gemm_lora_kernel, _gemm_heuristic(M, N))
-    kernel[grid](
+    args = (
         a, b, bias if bias is not None else a, c_, d_, out,
-        M, N, K, R, triton.next_power_of_2(M),
+        M, N, K, R, next_power_of_2(M),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c_.stride(0), c_.stride(1),
         d_.stride(0), d_.stride(1), out.stride(0), out.stride(1),
         float(scale), mask_seed if mask_seed is not None else out, threshold,
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=mask_seed is not None,
-        UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R), **config,
     )
+    flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DROPOUT=mask_seed is not None,
+                 UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R))
+    if _AUTOTUNE:
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+        _gemm_lora_autotuned[grid](*args, **flags)
+        return out
+    config = _gemm_heuristic(M, N)
+    num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+    grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
+    launch(_gemm_lora_kernel, grid, args, flags | config, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0):
-    """xa = scale · (mask ⊙ x) · lora_aᵀ: x (M, K), lora_a (R, K) -> (M, R) of out_dtype."""
+def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_b=None, bias=None):
+    """xa = scale · (mask ⊙ x) · lora_aᵀ: x (M, K), lora_a (R, K) -> (M, R) of out_dtype.
+
+    With lora_b (N, R) given, returns (xa, y) with y = xa · lora_bᵀ (+ bias) of shape (M, N), computed
+    from xa as rounded to out_dtype (the LoRA term of the forward, one launch). lora_a and lora_b may be
+    fp32 with x in half precision: they are rounded to x's dtype in-kernel.
+    """
     M, K = x.shape
     R = lora_a.shape[0]
     out = torch.empty((M, R), device=x.device, dtype=out_dtype)
+    has_up = lora_b is not None
+    N = lora_b.shape[0] if has_up else 1
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype) if has_up else out
+    b_ = lora_b if has_up else lora_a
     r_pad = _rank_pad(R)
     if _INTERPRET:
         block_m, block_k = 32, 32
     else:
         # A bandwidth-bound read of x: enough row blocks to cover the GPU about twice.
-        block_m = 64 if (r_pad <= 64 and triton.cdiv(M, 64) >= 2 * _num_sms(x.device)) else 32
+        block_m = 64 if (r_pad <= 64 and cdiv(M, 64) >= 2 * _num_sms(x.device)) else 32
         block_k = 128 if r_pad <= 64 else 64
-    _lora_down_kernel[(triton.cdiv(M, block_m),)](
-        x, lora_a, out, M, K, R,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
-        float(scale), mask_seed if mask_seed is not None else out, threshold,
-        HAS_DROPOUT=mask_seed is not None, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+    launch(
+        _lora_down_kernel, (cdiv(M, block_m),),
+        (x, lora_a, out, b_, bias if bias is not None else out, y, M, K, R, N,
+         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
+         b_.stride(0), b_.stride(1), y.stride(0), y.stride(1),
+         float(scale), mask_seed if mask_seed is not None else out, threshold),
+        dict(HAS_DROPOUT=mask_seed is not None, HAS_UP=has_up, HAS_BIAS=bias is not None,
+             UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m,
+             BLOCK_K=block_k, BLOCK_N=32 if _INTERPRET else 64),
         num_warps=4, num_stages=3,
     )
-    return out
+    return (out, y) if has_up else out
 
 
 def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
@@ -380,18 +429,19 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
     r_pad = _rank_pad(R)
     block_m = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
     block_n = 32 if _INTERPRET else 64
-    m_blocks = triton.cdiv(M, block_m)
+    m_blocks = cdiv(M, block_m)
     # Split N so the grid covers the GPU about twice over; every split adds M·R atomics to g.
-    splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(2 * _num_sms(dy.device), m_blocks)))
-    n_per_split = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
-    splits = triton.cdiv(N, n_per_split)
-    _lora_dy_kernel[(m_blocks, splits)](
-        dy, lora_b, xa, g, db, dbias if dbias is not None else db,
-        M, N, R, n_per_split,
-        dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1),
-        float(scale), float(g_scale),
-        HAS_BIAS_GRAD=dbias is not None, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+    splits = max(1, min(cdiv(N, block_n), cdiv(2 * _num_sms(dy.device), m_blocks)))
+    n_per_split = cdiv(cdiv(N, splits), block_n) * block_n
+    splits = cdiv(N, n_per_split)
+    launch(
+        _lora_dy_kernel, (m_blocks, splits),
+        (dy, lora_b, xa, g, db, dbias if dbias is not None else db,
+         M, N, R, n_per_split,
+         dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1),
+         float(scale), float(g_scale)),
+        dict(HAS_BIAS_GRAD=dbias is not None, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+             R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n),
         num_warps=4 if r_pad <= 64 else 8, num_stages=3,
     )
 
@@ -411,18 +461,19 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
     warps = 4 if r_pad <= 64 else 8
     if tiles is not None:
         block_m, block_k, warps = tiles
-    k_blocks = triton.cdiv(K, block_k)
-    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _num_sms(x.device), k_blocks)))
-    m_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, m_per_split)
+    k_blocks = cdiv(K, block_k)
+    splits = max(1, min(cdiv(M, block_m), cdiv(2 * _num_sms(x.device), k_blocks)))
+    m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
+    splits = cdiv(M, m_per_split)
     a_ = lora_a if has_dx else x
     dx_ = dx if has_dx else x
-    _lora_grad_a_kernel[(k_blocks, splits)](
-        g, x, da, a_, dx_, M, K, R, m_per_split,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), a_.stride(0), a_.stride(1),
-        dx_.stride(0), dx_.stride(1),
-        float(scale), mask_seed if mask_seed is not None else da, threshold,
-        HAS_DROPOUT=mask_seed is not None, HAS_DX=has_dx, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k,
+    launch(
+        _lora_grad_a_kernel, (k_blocks, splits),
+        (g, x, da, a_, dx_, M, K, R, m_per_split,
+         g.stride(0), g.stride(1), x.stride(0), x.stride(1), a_.stride(0), a_.stride(1),
+         dx_.stride(0), dx_.stride(1),
+         float(scale), mask_seed if mask_seed is not None else da, threshold),
+        dict(HAS_DROPOUT=mask_seed is not None, HAS_DX=has_dx, UPCAST=_upcast(x.dtype),
+             PRECISION=_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k),
         num_warps=warps, num_stages=3,
     )

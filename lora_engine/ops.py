@@ -179,19 +179,20 @@ class LoRALinearFunction(torch.autograd.Function):
         in_f = x.shape[-1]
         out_f = weight.shape[0]
         x2 = x.reshape(-1, in_f)
-        a = lora_a if lora_a.dtype == x.dtype else lora_a.to(x.dtype)
-        b = lora_b if lora_b.dtype == x.dtype else lora_b.to(x.dtype)
         threshold = K.dropout_threshold(dropout_p) if seed is not None else 0
         keep_scale = 1.0 / (1.0 - dropout_p) if seed is not None else 1.0
-        # scaling is folded into xa (and into g in backward): no separate pass applies it.
-        xa = K.lora_down(x2, a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
+        # scaling is folded into xa (and into g in backward): no separate pass applies it. lora_a and
+        # lora_b go to the kernels as they are (fp32 adapters are rounded to x's dtype in-kernel).
         if _base_gemm == "cublas":
-            y = torch.addmm(bias, xa, b.t()) if bias is not None else xa @ b.t()
+            # One launch writes xa and the LoRA term y = xa·Bᵀ (+ b); cuBLAS adds x·Wᵀ onto y in place.
+            xa, y = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold,
+                                lora_b=lora_b, bias=bias)
             y.addmm_(x2, weight.t())
         else:
-            y = K.gemm_lora(x2, weight, bias, xa, b, 1.0, x.dtype)
-        ctx.save_for_backward(x2, xa, weight, a, b)
-        ctx.meta = (x.shape, scaling * keep_scale, seed, threshold, lora_a.dtype, lora_b.dtype)
+            xa = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
+            y = K.gemm_lora(x2, weight, bias, xa, lora_b, 1.0, x.dtype)
+        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
+        ctx.meta = (x.shape, scaling * keep_scale, seed, threshold)
         return y.reshape(*x.shape[:-1], out_f)
 
     @staticmethod
@@ -199,7 +200,7 @@ class LoRALinearFunction(torch.autograd.Function):
         from lora_engine.kernels import lora_linear as K
 
         x2, xa, weight, a, b = ctx.saved_tensors
-        x_shape, g_scale, seed, threshold, a_dtype, b_dtype = ctx.meta
+        x_shape, g_scale, seed, threshold = ctx.meta
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
         if dy2.dtype != x2.dtype:
@@ -207,10 +208,8 @@ class LoRALinearFunction(torch.autograd.Function):
         (M, K_in), N, R = x2.shape, dy2.shape[1], a.shape[0]
         # One zeroed fp32 workspace for every atomically reduced result: g, dB, dA, dbias.
         ws = torch.zeros(M * R + N * R + R * K_in + (N if need_bias else 0), device=dy.device, dtype=torch.float32)
-        g = ws[: M * R].view(M, R)
-        db = ws[M * R : M * R + N * R].view(N, R)
-        da = ws[M * R + N * R : M * R + N * R + R * K_in].view(R, K_in)
-        dbias = ws[M * R + N * R + R * K_in :] if need_bias else None
+        g, db, da, *dbias = ws.split((M * R, N * R, R * K_in, N) if need_bias else (M * R, N * R, R * K_in))
+        g, db, da, dbias = g.view(M, R), db.view(N, R), da.view(R, K_in), (dbias[0] if need_bias else None)
         # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
@@ -230,8 +229,8 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx = dx.reshape(x_shape)
             if need_a:
                 K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold)
-        da = (da if a_dtype == torch.float32 else da.to(a_dtype)) if need_a else None
-        db = (db if b_dtype == torch.float32 else db.to(b_dtype)) if need_b else None
+        da = (da if a.dtype == torch.float32 else da.to(a.dtype)) if need_a else None
+        db = (db if b.dtype == torch.float32 else db.to(b.dtype)) if need_b else None
         if dbias is not None:
             dbias = dbias.to(x2.dtype)
         return dx, None, dbias, da, db, None, None, None

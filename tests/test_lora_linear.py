@@ -207,8 +207,11 @@ def _poison_cache(nbytes=1 << 30):
 )
 @pytest.mark.parametrize("p", [0.0, 0.05])
 def test_gpu_against_fp64(dtype, shape, p, base_gemm):
+    """Adapters in x's dtype with dropout off; fp32 adapters (what patch_model creates, rounded to x's
+    dtype in-kernel as the reference rounds them) with dropout on."""
     lead, k, n, r = shape
-    x, w, b, a, bb = make_inputs(lead, k, n, r, dtype, device="cuda", lora_dtype=dtype, seed=k + n)
+    lora_dtype = torch.float32 if p > 0 else dtype
+    x, w, b, a, bb = make_inputs(lead, k, n, r, dtype, device="cuda", lora_dtype=lora_dtype, seed=k + n)
     _poison_cache()
     outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=p)
     assert_close(outs, refs, TOL[dtype])
