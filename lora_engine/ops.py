@@ -79,15 +79,17 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
     return bits >= dropout_threshold(p)
 
 
-def draw_dropout_seed() -> int:
-    """A dropout seed from torch's default generator, so `torch.manual_seed` repeats a run."""
-    return int(_draw_seed_tensor().item())
+def draw_dropout_seed(device: torch.device | str | None = None) -> int:
+    """A dropout seed from torch's generator for `device` (default: the CPU's), so `torch.manual_seed`
+    repeats a run. lora_linear draws from the generator of its input's device."""
+    return int(_draw_seed_tensor(device).item())
 
 
-def _draw_seed_tensor() -> torch.Tensor:
-    """The same draw as `draw_dropout_seed`, kept as a (1,) int64 CPU tensor: no `.item()`, so
-    `torch.compile` traces it without a graph break."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
+    """The same draw as `draw_dropout_seed`, kept as a (1,) int64 tensor on `device`, where that device's
+    generator draws it: no `.item()` (so `torch.compile` traces it without a graph break) and no copy
+    from pageable host memory (which may wait for the stream, stalling the host every forward)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 # How the frozen base GEMM runs inside `lora_linear`:
@@ -160,7 +162,7 @@ def lora_linear_reference(
     y = F.linear(x, weight, bias)
     xd = x
     if training and dropout_p > 0.0:
-        seed = draw_dropout_seed() if seed is None else seed
+        seed = draw_dropout_seed(x.device) if seed is None else seed
         in_f = x.shape[-1]
         rows = x.numel() // in_f
         keep = dropout_keep_mask(seed, rows, in_f, dropout_p, device=x.device).reshape(x.shape)
@@ -264,14 +266,12 @@ def lora_linear(
             f"x is {x.dtype} but the base weight is {weight.dtype}: cast the input (or the model) "
             "so they match, or run under torch.autocast"
         )
-    seed = _draw_seed_tensor() if (training and dropout_p > 0.0) else None
+    seed = _draw_seed_tensor(x.device) if (training and dropout_p > 0.0) else None
     if not kernels_available(x):
         int_seed = int(seed.item()) if seed is not None else None
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, int_seed)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if seed is not None:
-        seed = seed.to(x.device, non_blocking=True)
     return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 
