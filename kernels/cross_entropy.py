@@ -12,15 +12,13 @@ multiplies it by the hidden states (dh) and the weight (dW) and drops it. One re
 its max and sum of exponentials (online), a second read writes the gradient.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import launch, next_power_of_2
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -17,12 +17,14 @@ launch hook installed (profilers), every launch goes through the JIT.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton reads TRITON_INTERPRET when it is imported; every kernel module reads this one constant.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Distinct keys kept before the cache starts over (each int value is part of a key, so a workload
 # whose sizes keep changing would otherwise grow it without bound).
 _MAX_ENTRIES = 4096
@@ -41,6 +43,15 @@ _Tensor = torch.Tensor
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints (`triton.cdiv` is a JIT-callable wrapper: microseconds a call)."""
     return -(-a // b)
+
+
+@functools.cache
+def num_sms(device: torch.device, default: int) -> int:
+    """Streaming multiprocessors of a CUDA device; `default` elsewhere (the interpreter), where a
+    launcher's choice of it shapes which code paths small test shapes reach."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return default
 
 
 def next_power_of_2(n: int) -> int:
@@ -83,7 +94,7 @@ def launch(fn, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
     args: the runtime arguments in signature order; constexprs: the constexpr arguments, which must
     all follow them in the signature (checked at the first launch); options: num_warps, num_stages...
     """
-    if _INTERPRET or torch.compiler.is_compiling() or _launch_hook_set():
+    if INTERPRET or torch.compiler.is_compiling() or _launch_hook_set():
         if not torch.compiler.is_compiling():
             _check_order(fn, args, constexprs)
         fn[grid](*args, **constexprs, **options)

@@ -22,17 +22,16 @@ Reductions across programs (dB, db, g when N is split, dA when M is split) go th
 `atomic_add` into zeroed buffers; the launchers return those fp32 buffers.
 """
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels.launch import cdiv, launch, next_power_of_2
+from lora_engine.kernels.launch import INTERPRET as _INTERPRET
+from lora_engine.kernels.launch import cdiv, launch, next_power_of_2, num_sms
 
 # Under TRITON_INTERPRET=1 (CPU) autotuning would run every config on numpy: one small config there.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning compiles and times every config for each new (M bucket, N, K, rank): worth it for a
 # benchmark or a long run, not for a short job with varying shapes. Default: a shape heuristic.
 _AUTOTUNE = os.environ.get("LORA_ENGINE_AUTOTUNE", "0") == "1"
@@ -338,13 +337,6 @@ def _upcast(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def dropout_threshold(p: float) -> int:
     """Integer threshold of the keep test `bits16 >= threshold` for drop probability p."""
     return int(round(p * (1 << 16)))
@@ -405,7 +397,7 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
         block_m, block_k = 32, 32
     else:
         # A bandwidth-bound read of x: enough row blocks to cover the GPU about twice.
-        block_m = 64 if (r_pad <= 64 and cdiv(M, 64) >= 2 * _num_sms(x.device)) else 32
+        block_m = 64 if (r_pad <= 64 and cdiv(M, 64) >= 2 * num_sms(x.device, 4)) else 32
         block_k = 128 if r_pad <= 64 else 64
     launch(
         _lora_down_kernel, (cdiv(M, block_m),),
@@ -431,7 +423,7 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
     block_n = 32 if _INTERPRET else 64
     m_blocks = cdiv(M, block_m)
     # Split N so the grid covers the GPU about twice over; every split adds M·R atomics to g.
-    splits = max(1, min(cdiv(N, block_n), cdiv(2 * _num_sms(dy.device), m_blocks)))
+    splits = max(1, min(cdiv(N, block_n), cdiv(2 * num_sms(dy.device, 4), m_blocks)))
     n_per_split = cdiv(cdiv(N, splits), block_n) * block_n
     splits = cdiv(N, n_per_split)
     launch(
@@ -462,7 +454,7 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
     if tiles is not None:
         block_m, block_k, warps = tiles
     k_blocks = cdiv(K, block_k)
-    splits = max(1, min(cdiv(M, block_m), cdiv(2 * _num_sms(x.device), k_blocks)))
+    splits = max(1, min(cdiv(M, block_m), cdiv(2 * num_sms(x.device, 4), k_blocks)))
     m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     splits = cdiv(M, m_per_split)
     a_ = lora_a if has_dx else x

@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import cdiv
 
 # Under TRITON_INTERPRET=1 (CPU) autotuning would run every config on numpy: one small config there.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _merge_configs():

@@ -12,19 +12,17 @@ share a program. Longer rows are processed in MAX_BLOCK-wide chunks: forward the
 backward reads x and dy twice.
 """
 
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels.launch import cdiv, launch, next_power_of_2
+from lora_engine.kernels.launch import INTERPRET as _INTERPRET
+from lora_engine.kernels.launch import cdiv, launch, next_power_of_2, num_sms
 
 from .merge import _cast
 
 # Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Widest row kept in registers in one piece (a power of 2); read at call time, so tests can lower it.
 MAX_BLOCK = 8192
@@ -129,13 +127,6 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_row + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # interpreter: few programs, so small test shapes exercise the loop over row blocks
-
-
 def _tiling(M: int, H: int) -> tuple[int, int, bool, int]:
     """(ROWS, BLOCK_H, SINGLE, num_warps): short rows are grouped so a program holds >= 2048 columns."""
     if MAX_BLOCK & (MAX_BLOCK - 1):
@@ -179,8 +170,9 @@ def rms_norm_backward(dy, x, weight, rstd, need_dx: bool = True, need_dw: bool =
     rows, block_h, single, num_warps = _tiling(M, H)
     row_blocks = cdiv(M, rows)
     # Without dw every row block gets its own program; with it, a few programs per SM each loop
-    # over row blocks, so the partial sums stay small (n_progs × H fp32).
-    n_progs = min(row_blocks, 4 * _num_sms(x.device)) if need_dw else row_blocks
+    # over row blocks, so the partial sums stay small (n_progs × H fp32). Under the interpreter the
+    # "SM count" is 1: few programs, so small test shapes exercise the loop over row blocks.
+    n_progs = min(row_blocks, 4 * num_sms(x.device, 1)) if need_dw else row_blocks
     dx = torch.empty((M, H), device=x.device, dtype=x.dtype) if need_dx else None
     partial = None
     if need_dw:

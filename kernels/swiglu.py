@@ -8,18 +8,17 @@ Backward: d_up   = dy · silu(g)
 keeps g, silu(g) and u). Elementwise over flat contiguous tensors, in fp32, rounded once on store.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import cdiv, launch
 
 from .merge import _cast
 
 # Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BLOCK = 2048
 _NUM_WARPS = 4
 
