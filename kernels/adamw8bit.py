@@ -24,8 +24,8 @@ multiply-adds are off (no cost measured there): the GPU then rounds as the torch
 Each program owns `BLOCKS` consecutive quantization blocks of `BLOCK` elements of one tensor, so a
 block's absmax never leaves the program. Per element the update kernel reads param, grad, two
 state bytes and writes param and two state bytes; nothing else is read from memory but the
-per-block absmax and three small tables (the 256-entry map, its 256 midpoints and a 64 K-entry
-uint8 index, all L1/L2 resident).
+per-block absmax and two small tables a map (the 256-entry map and a 64 K-entry search table, both
+L1/L2 resident).
 
 State kinds (QUANTIZED):
 - True:  state1/state2 uint8 (numel,): codes of m in the signed dynamic map and of v in the
@@ -33,9 +33,17 @@ State kinds (QUANTIZED):
 - False: state1/state2 fp32 (numel,): m and v themselves (tensors too small to be worth 8 bits).
 
 Nearest code: for fp32 x, the code is the number of map midpoints below x (ties go to the lower
-code). The 16 high bits of an order-preserving integer key of x select a bucket that holds at most
-one midpoint (checked when the table is built), and `lut[bucket]` is the number of midpoints
-below the bucket, so code = lut[bucket] + (x > mid[lut[bucket]]): two table loads, exact.
+code). The 16 high bits of x select a bucket of fp32 values that holds at most one midpoint
+(checked when the table is built); `search[bucket]` (int32) holds in its high half the number of
+midpoints below the bucket, lo, and in its low half the 16 low bits of the bucket's midpoint (or of
+its largest value when it holds none), so code = lo + (x > that midpoint): one table load, exact.
+
+Arithmetic: with `IEEE` (the interpreter always is) the square root and the two divisions per
+element are correctly rounded, and the step equals the torch reference bit for bit. Without it
+(the GPU default, `IEEE_MATH`), they are the hardware's approximate ones (sqrt.approx, div.full:
+within 2 ulp), which take a quarter of the kernel's instructions fewer: the param then differs from
+the reference's by rounding only, and m, v, the codes and the absmax stay exact (they do not depend
+on those operations).
 
 Skipping: `flag` (int32, 1 element) is set by `nonfinite_check_` when a gradient holds inf/NaN;
 every later kernel of the step reads it first and does nothing, so a skipped step needs no host
@@ -51,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import cdiv
 
 # Columns of the pointer table.
@@ -73,6 +82,10 @@ NUM_WARPS = 4
 # Registers a thread of the update kernel may use (None: the compiler's choice, 80 for bf16): 64
 # runs 8 programs an SM instead of 6; 6.7 against 7.9 ms on an H100 (56: 6.8, 72: 7.2).
 MAXNREG = 64
+# Correctly rounded sqrt and division in the update on the GPU (see the module docstring).
+IEEE_MATH = False
+# The interpreter's fp32 -> bf16 cast truncates; the GPU's rounds to nearest even.
+_CAST_TRUNCATES = tl.constexpr(_INTERPRET)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -92,14 +105,12 @@ def _mix32(x):
 
 
 @triton.jit
-def _nearest_code(x, mid_ptr, lut_ptr):
+def _nearest_code(x, search_ptr):
     """uint8 index of the map entry nearest to fp32 x (ties to the lower entry)."""
     bits = x.to(tl.uint32, bitcast=True)
-    # Order-preserving key: negative floats reversed below the positive ones.
-    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-    lo = tl.load(lut_ptr + (key >> 16).to(tl.int32)).to(tl.int32)
-    mid = tl.load(mid_ptr + lo)
-    return (lo + (x > mid).to(tl.int32)).to(tl.uint8)
+    entry = tl.load(search_ptr + (bits >> 16).to(tl.int32)).to(tl.uint32, bitcast=True)
+    mid = ((bits & 0xFFFF0000) | (entry & 0xFFFF)).to(tl.float32, bitcast=True)
+    return ((entry >> 16) + (x > mid).to(tl.uint32)).to(tl.uint8)
 
 
 @triton.jit
@@ -173,9 +184,9 @@ def _advance_steps_kernel(table_ptr, scal_ptr, flag_ptr, lr, beta1, beta2):
 @triton.jit
 def _adamw_chunk(
     row, offs, blk, numel, p_ptr, g_ptr, s1_ptr, s2_ptr, step_size, sqrt_bc2,
-    map1_ptr, mid1_ptr, lut1_ptr, map2_ptr, mid2_ptr, lut2_ptr,
+    map1_ptr, search1_ptr, map2_ptr, search2_ptr,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
-    P_DTYPE: tl.constexpr, QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr,
+    P_DTYPE: tl.constexpr, QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr, IEEE: tl.constexpr,
     BLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
     """One AdamW step of one chunk: dequantize, update, requantize. MASKED: the chunk passes the
@@ -223,10 +234,12 @@ def _adamw_chunk(
     m = m * beta1 + g * one_minus_beta1
     v = v * beta2 + (g * g) * one_minus_beta2
     p = p * decay
-    # IEEE-rounded sqrt and division: the defaults compile to approximate PTX on the GPU, which
-    # would drift fp32 params from the reference (and from the CPU interpreter) by many ulp.
-    denom = tl.math.div_rn(tl.math.sqrt_rn(v), sqrt_bc2) + eps
-    p = p - step_size * tl.math.div_rn(m, denom)
+    if IEEE:
+        denom = tl.math.div_rn(tl.math.sqrt_rn(v), sqrt_bc2) + eps
+        p = p - step_size * tl.math.div_rn(m, denom)
+    else:
+        denom = tl.math.fdiv(tl.sqrt(v), sqrt_bc2) + eps
+        p = p - step_size * tl.math.fdiv(m, denom)
 
     if QUANTIZED:
         n1 = tl.max(tl.abs(m), axis=1)
@@ -234,12 +247,12 @@ def _adamw_chunk(
         one = tl.full(n1.shape, 1.0, tl.float32)
         inv1 = tl.where(n1 > 0, tl.math.div_rn(one, tl.where(n1 > 0, n1, 1.0)), 0.0)
         inv2 = tl.where(n2 > 0, tl.math.div_rn(one, tl.where(n2 > 0, n2, 1.0)), 0.0)
-        q1 = _nearest_code(m * inv1[:, None], mid1_ptr, lut1_ptr)
-        q2 = _nearest_code(v * inv2[:, None], mid2_ptr, lut2_ptr)
+        q1 = _nearest_code(m * inv1[:, None], search1_ptr)
+        q2 = _nearest_code(v * inv2[:, None], search2_ptr)
 
-    if P_DTYPE == tl.bfloat16:
-        # Round to bf16 on the bits (the interpreter's own cast truncates): add 16 bits below
-        # bf16's last bit (random ones, or half an ulp and the tie-to-even bit), truncate.
+    if P_DTYPE == tl.bfloat16 and (STOCHASTIC or _CAST_TRUNCATES):
+        # Round to bf16 on the bits: add 16 bits below bf16's last bit (random ones, or half an
+        # ulp and the tie-to-even bit), truncate.
         bits = p.to(tl.uint32, bitcast=True)
         if STOCHASTIC:
             step_ptr = tl.load(row + COL_STEP).to(tl.pointer_type(tl.float32))
@@ -265,10 +278,11 @@ def _adamw_chunk(
 @triton.jit
 def _adamw_kernel(
     table_ptr, prog_ptr, scal_ptr, flag_ptr, p_anchor, g_anchor, s1_anchor, s2_anchor,
-    map1_ptr, mid1_ptr, lut1_ptr, map2_ptr, mid2_ptr, lut2_ptr,
+    map1_ptr, search1_ptr, map2_ptr, search2_ptr,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
     P_DTYPE: tl.constexpr, P_UNIT: tl.constexpr, G_UNIT: tl.constexpr, S_UNIT: tl.constexpr,
-    QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr,
+    QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr, IEEE: tl.constexpr, BLOCKS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One AdamW step of BLOCKS·BLOCK elements of one tensor, unless the step is skipped."""
     if tl.load(flag_ptr) == 0:
@@ -281,13 +295,13 @@ def _adamw_kernel(
         s1_ptr = s1_anchor + tl.load(row + COL_STATE1) * S_UNIT
         s2_ptr = s2_anchor + tl.load(row + COL_STATE2) * S_UNIT
         args = (row, offs, blk, numel, p_ptr, g_ptr, s1_ptr, s2_ptr, step_size, sqrt_bc2,
-                map1_ptr, mid1_ptr, lut1_ptr, map2_ptr, mid2_ptr, lut2_ptr,
+                map1_ptr, search1_ptr, map2_ptr, search2_ptr,
                 beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay)
         if (chunk + 1) * (BLOCKS * BLOCK) <= numel:
-            _adamw_chunk(*args, P_DTYPE=P_DTYPE, QUANTIZED=QUANTIZED, STOCHASTIC=STOCHASTIC,
+            _adamw_chunk(*args, P_DTYPE=P_DTYPE, QUANTIZED=QUANTIZED, STOCHASTIC=STOCHASTIC, IEEE=IEEE,
                          BLOCK=BLOCK, MASKED=False)
         else:
-            _adamw_chunk(*args, P_DTYPE=P_DTYPE, QUANTIZED=QUANTIZED, STOCHASTIC=STOCHASTIC,
+            _adamw_chunk(*args, P_DTYPE=P_DTYPE, QUANTIZED=QUANTIZED, STOCHASTIC=STOCHASTIC, IEEE=IEEE,
                          BLOCK=BLOCK, MASKED=True)
 
 
@@ -386,14 +400,14 @@ def nonfinite_check_(tab: LaunchTable, flag: torch.Tensor) -> None:
 
 
 def adamw_step_(tab: LaunchTable, flag, maps, *, lr, beta1, beta2, eps, weight_decay,
-                stochastic_rounding=False, num_warps=None):
+                stochastic_rounding=False, num_warps=None, ieee=None):
     """One AdamW step, in place, of every tensor of the table, unless flag (int32, (1,)) is set.
     The param dtype is the table's (its param anchor's).
 
-    maps: (map1, mid1, lut1, map2, mid2, lut2) on the device: fp32 (256,), fp32 (256,),
-    uint8 (65536,) for the signed (first moment) and the unsigned (second moment) map; unused
-    when the table holds fp32 states.
-    Hyperparameters are rounded to fp32 on the way in.
+    maps: (map1, search1, map2, search2) on the device: fp32 (256,) and int32 (65536,) for the
+    signed (first moment) and the unsigned (second moment) map; unused when the table holds fp32
+    states. ieee: correctly rounded sqrt and division (None: `IEEE_MATH`; always under the
+    interpreter). Hyperparameters are rounded to fp32 on the way in.
     """
     param_dtype = tab.anchors[0].dtype
     _advance_steps_kernel[(tab.n_tensors,)](
@@ -406,6 +420,7 @@ def adamw_step_(tab: LaunchTable, flag, maps, *, lr, beta1, beta2, eps, weight_d
         P_DTYPE=_TL_DTYPE[param_dtype], P_UNIT=tab.units[0], G_UNIT=tab.units[1], S_UNIT=tab.units[2],
         QUANTIZED=tab.quantized,
         STOCHASTIC=bool(stochastic_rounding) and param_dtype == torch.bfloat16,
+        IEEE=_INTERPRET or bool(IEEE_MATH if ieee is None else ieee),
         BLOCKS=tab.blocks, BLOCK=tab.block, num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,
         **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )

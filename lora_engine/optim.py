@@ -77,44 +77,53 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return out
 
 
-def _key_to_float(key: torch.Tensor) -> torch.Tensor:
-    """Inverse of the kernel's order-preserving key (uint32 values in int64) -> fp32."""
-    bits = torch.where(key >= 2**31, key & 0x7FFFFFFF, ~key & _MASK32)
+def _bits_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns (held in int64) -> the fp32 values they encode."""
     return ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
 
 
-def _midpoints_and_lut(qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mid fp32 (256,): midpoints of qmap, +inf last; lut uint8 (65536,): midpoints below each
-    bucket of fp32 values sharing the 16 high bits of their order-preserving key."""
+def _midpoints_and_search(qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mid fp32 (256,): midpoints of qmap, +inf last; search int32 (65536,): the kernel's
+    one-load nearest-code table (`lora_engine.kernels.adamw8bit`), one entry per bucket of fp32
+    values sharing their 16 high bits: (midpoints below the bucket) << 16 | the 16 low bits of the
+    bucket's one midpoint, or of its largest value when it holds none."""
     mid = torch.cat([(qmap[:-1] + qmap[1:]) / 2.0, torch.tensor([math.inf])])
-    keys = torch.arange(65536, dtype=torch.int64) << 16
-    lo_val, hi_val = _key_to_float(keys), _key_to_float(keys | 0xFFFF)
-    below = torch.searchsorted(mid, lo_val)  # midpoints < the bucket's smallest value
-    upto = torch.searchsorted(mid, hi_val, right=True)  # midpoints <= its largest
-    finite = torch.isfinite(lo_val) & torch.isfinite(hi_val)
+    high = torch.arange(65536, dtype=torch.int64) << 16
+    neg = high >= 2**31
+    first, last = _bits_to_float(high), _bits_to_float(high | 0xFFFF)  # by bit pattern
+    smallest, largest = torch.where(neg, last, first), torch.where(neg, first, last)
+    below = torch.searchsorted(mid, smallest)  # midpoints < the bucket's smallest value
+    upto = torch.searchsorted(mid, largest, right=True)  # midpoints <= its largest
+    finite = torch.isfinite(smallest) & torch.isfinite(largest)
     if int((upto - below)[finite].max()) > 1:
         raise ValueError("quantization map too dense for a 16-bit bucket index")
-    return mid, below.clamp(max=255).to(torch.uint8)
+    lo = below.clamp(max=255)
+    inside = (upto > below) & finite
+    mid_bits = mid[lo].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert bool(((mid_bits >> 16) == (high >> 16))[inside & (mid[lo] != 0)].all())
+    low = torch.where(inside, mid_bits & 0xFFFF, torch.where(neg, 0, 0xFFFF))
+    return mid, ((lo << 16) | low).to(torch.int32)
 
 
 class QuantMaps:
     """The signed (first moment) and unsigned (second moment) maps with their search tables.
 
-    map*: fp32 (256,); mid*: fp32 (256,); lut*: uint8 (65536,); all on `device`.
+    map*: fp32 (256,); mid*: fp32 (256,) (the reference's search); search*: int32 (65536,) (the
+    kernel's); all on `device`.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.map1 = dynamic_map(signed=True)
         self.map2 = dynamic_map(signed=False)
-        self.mid1, self.lut1 = _midpoints_and_lut(self.map1)
-        self.mid2, self.lut2 = _midpoints_and_lut(self.map2)
-        for name in ("map1", "mid1", "lut1", "map2", "mid2", "lut2"):
+        self.mid1, self.search1 = _midpoints_and_search(self.map1)
+        self.mid2, self.search2 = _midpoints_and_search(self.map2)
+        for name in ("map1", "mid1", "search1", "map2", "mid2", "search2"):
             setattr(self, name, getattr(self, name).to(device))
         self.zero_code1 = int((self.map1 == 0).nonzero())
         self.zero_code2 = int((self.map2 == 0).nonzero())
 
     def kernel_args(self):
-        return (self.map1, self.mid1, self.lut1, self.map2, self.mid2, self.lut2)
+        return (self.map1, self.search1, self.map2, self.search2)
 
 
 _MAPS: dict[str, QuantMaps] = {}
@@ -208,7 +217,7 @@ def _round_bf16_stochastic(p: torch.Tensor, seed: int, t: int) -> torch.Tensor:
     bits = p.view(torch.int32).to(torch.int64) & _MASK32
     r = stochastic_round_bits(seed, t, p.numel(), p.device)
     bits = (bits + (r & 0xFFFF)) & 0xFFFF0000
-    return ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    return _bits_to_float(bits).to(torch.bfloat16)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 CPU: the kernel runs under TRITON_INTERPRET=1, whose fp32 arithmetic is IEEE op by op like the
 reference's, so the two agree bit for bit. GPU (`-m gpu`): the kernel is compiled without FMA
-contraction and with IEEE sqrt/division, so it agrees bit for bit there too.
+contraction; with IEEE sqrt/division it agrees bit for bit there too, and with the hardware's
+approximate ones (the default) the states still do and the params agree to rounding.
 """
 
 import copy
@@ -326,9 +327,13 @@ def test_training_parity_with_torch_adamw():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_gpu_kernel_matches_reference(dtype, stochastic):
+@pytest.mark.parametrize("ieee", [True, False])
+def test_gpu_kernel_matches_reference(dtype, stochastic, ieee, monkeypatch):
+    from lora_engine.kernels import adamw8bit
+
     if stochastic and dtype != torch.bfloat16:
         pytest.skip("stochastic rounding is for bf16 params")
+    monkeypatch.setattr(adamw8bit, "IEEE_MATH", ieee)
     sizes = [(2048, 2048), (4097, 33), (1000,), (5632, 64), (3, 5000), (128,)]
     params = make_params(dtype, "cuda", sizes)
     # Warm the states up with the reference, then one step of each from identical copies.
@@ -344,10 +349,20 @@ def test_gpu_kernel_matches_reference(dtype, stochastic):
         opt.step()
         opts.append(opt)
         outs.append(ps)
-    # Bit for bit: the kernel is compiled without FMA contraction and with IEEE sqrt and division,
-    # so the GPU rounds every operation as the reference does.
-    for pk, pr in zip(*outs):
-        assert torch.equal(pk, pr), pk.shape
+    if ieee:
+        # Bit for bit: the kernel is compiled without FMA contraction and with IEEE sqrt and
+        # division, so the GPU rounds every operation as the reference does.
+        for pk, pr in zip(*outs):
+            assert torch.equal(pk, pr), pk.shape
+    else:
+        # sqrt.approx and div.full (<= 2 ulp each) change the fp32 update by a few ulp: the param
+        # moves by at most ~one unit of its own dtype, and rarely.
+        eps = torch.finfo(dtype).eps
+        for pk, pr, p0 in zip(*outs, base):
+            pk, pr, p0 = pk.detach().double(), pr.detach().double(), p0.detach().double()
+            assert bool(((pk - pr).abs() <= 2 * eps * pr.abs() + 1e-5 * (pr - p0).abs()).all()), pk.shape
+            assert (pk != pr).double().mean().item() < 0.02, pk.shape
+    # m, v, codes and absmax do not depend on the approximate operations: exact either way.
     assert_same_state(opts[0], outs[0], opts[1], outs[1])
     assert opts[0].state[outs[0][0]]["step"].item() == 6
 

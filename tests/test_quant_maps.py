@@ -39,19 +39,47 @@ def test_dynamic_map_shape(signed):
 
 
 @triton.jit
-def _codes_kernel(x_ptr, out_ptr, mid_ptr, lut_ptr, n, BLOCK: tl.constexpr):
+def _codes_kernel(x_ptr, out_ptr, search_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(out_ptr + offs, _nearest_code(x, mid_ptr, lut_ptr), mask=offs < n)
+    tl.store(out_ptr + offs, _nearest_code(x, search_ptr), mask=offs < n)
+
+
+def _as_float(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 -> fp32."""
+    return ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
+
+
+def _search_codes(x: torch.Tensor, search: torch.Tensor) -> torch.Tensor:
+    """The kernel's one-load search (`_nearest_code`) in torch: codes int64 of fp32 x."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    entry = search.to(torch.int64)[bits >> 16]
+    mid = _as_float((bits & 0xFFFF0000) | (entry & 0xFFFF))
+    return (entry >> 16) + (x > mid).long()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_search_table_is_exact_on_every_bucket_with_a_midpoint(signed):
+    """The search table's rule (code = lo + (x > the bucket's midpoint)) equals searchsorted over
+    the midpoints for every fp32 value of every bucket that holds a midpoint (255 · 65536 values,
+    both signs), and on the buckets of ±0, ±1 and every map entry."""
+    maps = quant_maps("cpu")
+    q, mid, search = (maps.map1, maps.mid1, maps.search1) if signed else (maps.map2, maps.mid2, maps.search2)
+    pts = torch.cat([mid[:255], q, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    high = torch.unique(pts.view(torch.int32).to(torch.int64) & 0xFFFF0000)
+    bits = (high[:, None] | torch.arange(65536)[None, :]).reshape(-1)
+    x = _as_float(bits)
+    x = x[torch.isfinite(x)]
+    assert torch.equal(_search_codes(x, search), torch.searchsorted(mid, x))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("signed", [True, False])
 def test_kernel_nearest_code_is_exact(signed):
-    """The kernel's two-load search equals searchsorted over the midpoints, on every midpoint,
+    """The kernel's one-load search equals searchsorted over the midpoints, on every midpoint,
     its fp32 neighbours, every map entry, ±0 and values out to ±1.0000001 (ties go down)."""
     maps = quant_maps("cpu")
-    q, mid, lut = (maps.map1, maps.mid1, maps.lut1) if signed else (maps.map2, maps.mid2, maps.lut2)
+    q, mid, search = (maps.map1, maps.mid1, maps.search1) if signed else (maps.map2, maps.mid2, maps.search2)
     m = mid[:255]
     x = torch.cat([
         m, torch.nextafter(m, torch.full_like(m, 2.0)), torch.nextafter(m, torch.full_like(m, -2.0)), q,
@@ -62,7 +90,7 @@ def test_kernel_nearest_code_is_exact(signed):
     if not signed:
         x = x.abs()
     out = torch.empty(x.numel(), dtype=torch.uint8)
-    _codes_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, mid, lut, x.numel(), BLOCK=1024)
+    _codes_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, search, x.numel(), BLOCK=1024)
     expect = torch.searchsorted(mid, x)
     assert torch.equal(out.long(), expect)
     # Nearest: no other entry is closer (up to the fp32 rounding of the midpoints).
