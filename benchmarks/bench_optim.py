@@ -5,8 +5,9 @@
 2. Speed and memory: every parameter of a 1.1B Llama-shape model (hidden 2048, 22 layers, MLP
    5632, 32 heads / 4 KV heads, vocab 32000, untied embeddings; 201 tensors, bf16) with random
    grads: median step time (triton.testing.do_bench, no CUDA graphs) and optimizer-state bytes
-   per parameter (ours also with IEEE sqrt/division, and without the inf/NaN check); the memory-bandwidth floor of each (nominal bytes moved per step / the
-   device-to-device copy bandwidth measured in this run) and the ratio to it.
+   per parameter (ours also with IEEE sqrt/division, and without the inf/NaN check); the
+   memory-bandwidth floor of each (nominal bytes moved per step / the device-to-device copy
+   bandwidth measured in this run) and the ratio to it.
 
     python benchmarks/bench_optim.py [--rep-ms 2000]
 """

