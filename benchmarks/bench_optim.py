@@ -113,6 +113,25 @@ def time_step(opt, rep_ms):
     return triton.testing.do_bench(opt.step, warmup=100, rep=rep_ms, return_mode="median")
 
 
+def kernel_breakdown(opt, steps=5):
+    """GPU time per kernel of one optimizer step (torch.profiler, averaged over `steps`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            opt.step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((e.key, us / steps / 1e3, e.count / steps))
+    rows.sort(key=lambda r: -r[1])
+    print(f"  GPU time of one step by kernel ({steps} steps, torch.profiler): total {sum(r[1] for r in rows):.3f} ms")
+    for name, ms, count in rows[:10]:
+        print(f"    {name[:70]:<70}{ms:9.3f} ms  ×{count:g}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rep-ms", type=int, default=2000)
@@ -158,6 +177,7 @@ def main():
             record("ours AdamW8bit", ms, bpp, ours_update + check)
     K.CHUNK, K.NUM_WARPS = default
     opt._tables.clear()
+    kernel_breakdown(opt)
     ieee_default, K.IEEE_MATH = K.IEEE_MATH, True
     record("ours, IEEE sqrt/div", time_step(opt, args.rep_ms), bpp, ours_update + check)
     K.IEEE_MATH = ieee_default

@@ -74,7 +74,7 @@ def _exp_kernel(table_ptr, prog_ptr, scal_ptr, flag_ptr, p_anchor, g_anchor, s1_
     """The update of bf16 params and grads with 8-bit states, stages switchable (unmasked chunks
     only: the benchmark's tensors are whole numbers of chunks)."""
     if tl.load(flag_ptr) == 0:
-        row, t_idx, numel, blk = K._chunk(table_ptr, prog_ptr, 0, BLOCKS, BLOCK, False)
+        row, t_idx, numel, blk = K._chunk(table_ptr, prog_ptr, tl.program_id(0), BLOCKS, BLOCK, False)
         offs = blk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         step_size = tl.load(scal_ptr + 2 * t_idx)
         sqrt_bc2 = tl.load(scal_ptr + 2 * t_idx + 1)
@@ -183,9 +183,27 @@ def main():
         return lambda: K.adamw_step_(tab, flag, qm.kernel_args(), lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8,
                                      weight_decay=0.01, ieee=ieee)
 
+    def committed_with(**constants):
+        """The committed kernel with some of its module constants changed for the call."""
+        def run():
+            saved = {k: getattr(K, k) for k in constants}
+            for k, v in constants.items():
+                setattr(K, k, v)
+            try:
+                committed(False)()
+            finally:
+                for k, v in saved.items():
+                    setattr(K, k, v)
+        return run
+
     variants = [("committed kernel (approximate sqrt/div)", committed(False), None),
                 ("committed kernel, IEEE sqrt/div", committed(True), None),
                 ("inf/NaN check", lambda: K.nonfinite_check_(tab, flag), None)]
+    extra = [("maxnreg 56", dict(MAXNREG=56)), ("no L2 prefetch", dict(PREFETCH_AHEAD=0)),
+             ("prefetch 512 ahead", dict(PREFETCH_AHEAD=512)), ("prefetch 2048 ahead", dict(PREFETCH_AHEAD=2048)),
+             ("prefetch 4096 ahead", dict(PREFETCH_AHEAD=4096))]
+    variants += [(f"committed kernel, {name}", committed_with(**c), None) for name, c in extra]
+    n_committed = len(variants)
     for cfg in [
         dict(deq=0, quant=0, ieee=1, cvt=0, maxnreg=64),  # the previous committed kernel
         dict(deq=0, quant=2, ieee=1, cvt=0, maxnreg=64),
@@ -229,7 +247,7 @@ def main():
     states_same = all(torch.equal(a, b) for a, b in zip(refs[True][len(params):], refs[False][len(params):]))
     print(f"approximate vs IEEE sqrt/div: {sum(apart)} of {n} bf16 params apart (max {ulps:.2f} ulp), "
           f"states {'identical' if states_same else 'DIFFER'}")
-    for name, fn, cfg in variants[3:]:
+    for name, fn, cfg in variants[n_committed:]:
         if cfg["deq"] == 0 and cfg["quant"] != 1:
             restore()
             fn()
@@ -238,7 +256,7 @@ def main():
     # Restore, then time (each timed call repeats the same step from its own result).
     restore()
 
-    for name, fn, _ in variants[3:]:
+    for name, fn, _ in variants[n_committed:]:
         compiled = fn()
         print(f"{name}: {compiled.n_regs} registers, {compiled.n_spills} spills; {ptx_memory_ops(compiled)}")
 

@@ -86,6 +86,9 @@ NUM_WARPS = 4
 # Registers a thread of the update kernel may use (None: the compiler's choice, 80 for bf16): 64
 # runs 8 programs an SM instead of 6; 6.7 against 7.9 ms on an H100 (56: 6.8, 72: 7.2).
 MAXNREG = 64
+# Chunks ahead whose lines a program of the 8-bit update asks L2 for (0: none): about the number
+# of programs resident at once (8 an SM).
+PREFETCH_AHEAD = 1024
 # Whole chunks the inf/NaN check reads a program (their loads all in flight at once).
 CHECK_CHUNKS = 8
 # Correctly rounded sqrt and division in the update on the GPU (see the module docstring).
@@ -117,6 +120,36 @@ def _nearest_code(x, search_ptr):
     entry = tl.load(search_ptr + (bits >> 16).to(tl.int32)).to(tl.uint32, bitcast=True)
     mid = ((bits & 0xFFFF0000) | (entry & 0xFFFF)).to(tl.float32, bitcast=True)
     return ((entry >> 16) + (x > mid).to(tl.uint32)).to(tl.uint8)
+
+
+@triton.jit
+def _prefetch_l2(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, blk, numel,
+                 AHEAD: tl.constexpr, BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """Asks L2 for every line of the chunk AHEAD chunks on in the same tensor (param, grad, both
+    code streams, both absmax), if that chunk is whole: its program, which starts about one
+    program's lifetime later, then finds its data in L2 instead of waiting on DRAM. One line a
+    thread (at most 128 lines: a 1024-element chunk of fp32 params and grads needs 82)."""
+    CHUNK: tl.constexpr = BLOCKS * BLOCK
+    P_STEP: tl.constexpr = 128 // (p_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    G_STEP: tl.constexpr = 128 // (g_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    P_END: tl.constexpr = CHUNK // P_STEP
+    G_END: tl.constexpr = P_END + CHUNK // G_STEP
+    S1_END: tl.constexpr = G_END + CHUNK // 128
+    S2_END: tl.constexpr = S1_END + CHUNK // 128
+    first = tl.min(blk, axis=0) + AHEAD * BLOCKS
+    start = first * BLOCK
+    i = tl.arange(0, 128).to(tl.int64)
+    addr = tl.where(i < P_END, (p_ptr + start + i * P_STEP).to(tl.int64), 0)
+    addr = tl.where((i >= P_END) & (i < G_END), (g_ptr + start + (i - P_END) * G_STEP).to(tl.int64), addr)
+    addr = tl.where((i >= G_END) & (i < S1_END), (s1_ptr + start + (i - G_END) * 128).to(tl.int64), addr)
+    addr = tl.where((i >= S1_END) & (i < S2_END), (s2_ptr + start + (i - S1_END) * 128).to(tl.int64), addr)
+    addr = tl.where(i == S2_END, (a1_ptr + first).to(tl.int64), addr)
+    addr = tl.where(i == S2_END + 1, (a2_ptr + first).to(tl.int64), addr)
+    addr = tl.where((first + BLOCKS) * BLOCK <= numel, addr, 0)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b64 p, $1, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1,
+    )
 
 
 @triton.jit
@@ -194,11 +227,12 @@ def _adamw_chunk(
     map1_ptr, search1_ptr, map2_ptr, search2_ptr,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay,
     P_DTYPE: tl.constexpr, QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK: tl.constexpr, MASKED: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One AdamW step of one chunk: dequantize, update, requantize. MASKED: the chunk passes the
-    tensor's end (lanes past it read zeros and write nothing). Loads first, stores last: the order
-    of benchmarks/profile_optim.py's fastest variant."""
+    tensor's end (lanes past it read zeros and write nothing). PREFETCH > 0: also ask L2 for the
+    chunk that many chunks on (`_prefetch_l2`). Loads first, stores last: the order of
+    benchmarks/profile_optim.py's fastest variant."""
     if QUANTIZED:
         a1_ptr = tl.load(row + COL_ABSMAX1).to(tl.pointer_type(tl.float32))
         a2_ptr = tl.load(row + COL_ABSMAX2).to(tl.pointer_type(tl.float32))
@@ -223,6 +257,8 @@ def _adamw_chunk(
             c2 = tl.load(s2_ptr + offs).to(tl.int32)
             a1 = tl.load(a1_ptr + blk)
             a2 = tl.load(a2_ptr + blk)
+            if PREFETCH > 0:
+                _prefetch_l2(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, blk, numel, PREFETCH, BLOCKS, BLOCK)
         m = tl.load(map1_ptr + c1) * a1[:, None]
         v = tl.load(map2_ptr + c2) * a2[:, None]
         if MASKED:
@@ -289,7 +325,7 @@ def _adamw_kernel(
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, prog_base,
     P_DTYPE: tl.constexpr, P_UNIT: tl.constexpr, G_UNIT: tl.constexpr, S_UNIT: tl.constexpr,
     QUANTIZED: tl.constexpr, STOCHASTIC: tl.constexpr, IEEE: tl.constexpr, BLOCKS: tl.constexpr,
-    BLOCK: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK: tl.constexpr, TAIL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One AdamW step of BLOCKS·BLOCK elements of one tensor (TAIL: fewer, masked), unless the
     step is skipped. prog_base: the program id of the launch's first program."""
@@ -306,7 +342,7 @@ def _adamw_kernel(
                 map1_ptr, search1_ptr, map2_ptr, search2_ptr,
                 beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay)
         _adamw_chunk(*args, P_DTYPE=P_DTYPE, QUANTIZED=QUANTIZED, STOCHASTIC=STOCHASTIC, IEEE=IEEE,
-                     BLOCK=BLOCK, MASKED=TAIL)
+                     BLOCKS=BLOCKS, BLOCK=BLOCK, MASKED=TAIL, PREFETCH=PREFETCH)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,4 +473,5 @@ def adamw_step_(tab: LaunchTable, flag, maps, *, lr, beta1, beta2, eps, weight_d
     options = dict(num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,
                    **({"maxnreg": MAXNREG} if MAXNREG else {}))
     for n, base, tail in tab.launches():
-        launch(_adamw_kernel, (n,), (*args, base), dict(constexprs, TAIL=tail), **options)
+        prefetch = 0 if tail or _INTERPRET or not tab.quantized else PREFETCH_AHEAD
+        launch(_adamw_kernel, (n,), (*args, base), dict(constexprs, TAIL=tail, PREFETCH=prefetch), **options)
