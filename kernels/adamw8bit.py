@@ -16,20 +16,22 @@ of the stream's dtype passed as a kernel argument. When every address of the gro
 of 16 bytes the offsets are in 16-byte units (UNIT = 16 / element size), so the compiler can prove
 the alignment and load and store 16 bytes at a time; otherwise they are in elements (UNIT = 1).
 Whole chunks run unmasked in one launch; the partial chunks, masked, in a second launch (`TAIL`),
-so the first kernel's code holds only the unmasked path (one kernel with both paths took 6.45
-against 6.05 ms on an H100: more registers and code for the same work).
+so the first kernel's code holds only the unmasked path (on an H100 one kernel with both paths took
+6.45 ms, a copy with the unmasked path alone 6.05 and the split kernel 6.10-6.20).
 
-The update kernel is bound by latency (a chain of dependent loads: program map, table row, data,
-map gathers, LUT gathers), so occupancy is what speeds it up: it is compiled with at most
-`MAXNREG` registers a thread. With the two changes above that took the bf16 update of a 1.1B
-model from 10.0 to 6.8 ms on an H100 (benchmarks/profile_optim.py, NOTES_optim.md). Fused
-multiply-adds are off (no cost measured there): the GPU then rounds as the torch reference does.
+The update kernel is bound by latency (ncu, H100: half of a warp's cycles wait on L1TEX, i.e. on
+its DRAM loads and table gathers; 50% occupancy), so three things speed it up, each measured by
+benchmarks/profile_optim.py (NOTES_optim.md): at most `MAXNREG` registers a thread (8 programs an
+SM instead of 6), the 16-byte unmasked accesses above, and an L2 prefetch: each program asks L2
+for the lines of the chunk `PREFETCH_AHEAD` programs on, which then starts with its data in L2
+rather than in DRAM (bf16 update of a 1.1B model on an H100: 6.10 ms without, 5.39 with). Fused
+multiply-adds are off (no cost measured): m and v round as the torch reference's do.
 
 Each program owns `BLOCKS` consecutive quantization blocks of `BLOCK` elements of one tensor, so a
 block's absmax never leaves the program. Per element the update kernel reads param, grad, two
 state bytes and writes param and two state bytes; nothing else is read from memory but the
-per-block absmax and two small tables a map (the 256-entry map and a 64 K-entry search table, both
-L1/L2 resident).
+per-block absmax and two small tables per map (the 256-entry map and a 64 K-entry search table,
+both L1/L2 resident).
 
 State kinds (QUANTIZED):
 - True:  state1/state2 uint8 (numel,): codes of m in the signed dynamic map and of v in the
