@@ -25,7 +25,11 @@ shards.
 
 On CUDA, and on CPU under TRITON_INTERPRET=1, `lora_engine.kernels.adamw8bit` runs the step, one
 launch per (param group, dtype, state kind). Elsewhere `adamw8bit_step_reference`, the pure-torch
-twin of the kernel (same fp32 operations in the same order), runs per tensor.
+twin of the kernel (same fp32 operations in the same order), runs per tensor. On the GPU the
+kernel's square root and two divisions per element are the hardware's approximate ones (within
+2 ulp; a quarter fewer instructions), so params agree with the reference to rounding while m, v
+and the states stay bit-identical; `lora_engine.kernels.adamw8bit.IEEE_MATH = True` makes the
+whole step bit-identical (4% slower on an H100, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
