@@ -475,5 +475,6 @@ def adamw_step_(tab: LaunchTable, flag, maps, *, lr, beta1, beta2, eps, weight_d
     options = dict(num_warps=num_warps or NUM_WARPS, enable_fp_fusion=False,
                    **({"maxnreg": MAXNREG} if MAXNREG else {}))
     for n, base, tail in tab.launches():
-        prefetch = 0 if tail or _INTERPRET or not tab.quantized else PREFETCH_AHEAD
+        # The prefetch is PTX: not under the interpreter, nor on ROCm.
+        prefetch = 0 if tail or _INTERPRET or torch.version.hip or not tab.quantized else PREFETCH_AHEAD
         launch(_adamw_kernel, (n,), (*args, base), dict(constexprs, TAIL=tail, PREFETCH=prefetch), **options)

@@ -104,7 +104,8 @@ def _midpoints_and_search(qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     lo = below.clamp(max=255)
     inside = (upto > below) & finite
     mid_bits = mid[lo].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    assert bool(((mid_bits >> 16) == (high >> 16))[inside & (mid[lo] != 0)].all())
+    if not bool(((mid_bits >> 16) == (high >> 16))[inside & (mid[lo] != 0)].all()):
+        raise ValueError("a bucket's midpoint lies outside the bucket")
     low = torch.where(inside, mid_bits & 0xFFFF, torch.where(neg, 0, 0xFFFF))
     return mid, ((lo << 16) | low).to(torch.int32)
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_engine.kernels.adamw8bit import _nearest_code
-from lora_engine.optim import dequantize_blockwise, dynamic_map, quant_maps, quantize_blockwise
+from lora_engine.optim import _bits_to_float, dequantize_blockwise, dynamic_map, quant_maps, quantize_blockwise
 
 # Largest gap between neighbouring entries of each map (its top decade, and -1 missing from the
 # signed map): half of it bounds the error of a nearest-code quantization relative to the absmax.
@@ -45,16 +45,11 @@ def _codes_kernel(x_ptr, out_ptr, search_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, _nearest_code(x, search_ptr), mask=offs < n)
 
 
-def _as_float(bits: torch.Tensor) -> torch.Tensor:
-    """uint32 bit patterns held in int64 -> fp32."""
-    return ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
-
-
 def _search_codes(x: torch.Tensor, search: torch.Tensor) -> torch.Tensor:
     """The kernel's one-load search (`_nearest_code`) in torch: codes int64 of fp32 x."""
     bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     entry = search.to(torch.int64)[bits >> 16]
-    mid = _as_float((bits & 0xFFFF0000) | (entry & 0xFFFF))
+    mid = _bits_to_float((bits & 0xFFFF0000) | (entry & 0xFFFF))
     return (entry >> 16) + (x > mid).long()
 
 
@@ -68,7 +63,7 @@ def test_search_table_is_exact_on_every_bucket_with_a_midpoint(signed):
     pts = torch.cat([mid[:255], q, torch.tensor([0.0, -0.0, 1.0, -1.0])])
     high = torch.unique(pts.view(torch.int32).to(torch.int64) & 0xFFFF0000)
     bits = (high[:, None] | torch.arange(65536)[None, :]).reshape(-1)
-    x = _as_float(bits)
+    x = _bits_to_float(bits)
     x = x[torch.isfinite(x)]
     assert torch.equal(_search_codes(x, search), torch.searchsorted(mid, x))
 
