@@ -130,7 +130,8 @@ def _prefetch_l2(p_ptr, g_ptr, s1_ptr, s2_ptr, a1_ptr, a2_ptr, blk, numel,
     """Asks L2 for every line of the chunk AHEAD chunks on in the same tensor (param, grad, both
     code streams, both absmax), if that chunk is whole: its program, which starts about one
     program's lifetime later, then finds its data in L2 instead of waiting on DRAM. One line a
-    thread (at most 128 lines: a 1024-element chunk of fp32 params and grads needs 82)."""
+    thread, 128 lines at most: all of a 1024-element chunk (82 lines with fp32 params and grads);
+    the chunks of block sizes over 1024 only in part."""
     CHUNK: tl.constexpr = BLOCKS * BLOCK
     P_STEP: tl.constexpr = 128 // (p_ptr.dtype.element_ty.primitive_bitwidth // 8)
     G_STEP: tl.constexpr = 128 // (g_ptr.dtype.element_ty.primitive_bitwidth // 8)

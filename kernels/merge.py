@@ -98,6 +98,12 @@ def kernel_supports(weight: torch.Tensor) -> bool:
     return weight.dtype in _KERNEL_DTYPES and (weight.is_cuda or interpret)
 
 
+def _rounds_bf16(dtype: torch.dtype) -> bool:
+    """Whether a store to `dtype` must round to bf16 first (`_cast`'s ROUND_BF16): under the CPU
+    interpreter the fp32 -> bf16 cast truncates, where the GPU's rounds to nearest even."""
+    return _INTERPRET and dtype == torch.bfloat16
+
+
 @triton.jit
 def _cast(v, ptr, ROUND_BF16: tl.constexpr):
     """fp32 v converted (for a store) to the element type of ptr, rounding to nearest even."""
@@ -150,8 +156,7 @@ def merge_lora_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor
         K_CONTIG=weight.stride(1) == 1,
         # The CPU interpreter's tl.dot returns garbage on bf16 operands (triton 3.9): fp32 there.
         UPCAST=_INTERPRET and dtype == torch.bfloat16,
-        # ... and its fp32 -> bf16 cast truncates: round to nearest even first, as the GPU cast does.
-        ROUND_BF16=_INTERPRET and weight.dtype == torch.bfloat16,
+        ROUND_BF16=_rounds_bf16(weight.dtype),
         # fp32 operands: exact fp32 products ("ieee"), not TF32, so the only rounding is the store.
         PRECISION="ieee",
     )

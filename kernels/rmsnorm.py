@@ -17,12 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import cdiv, launch, next_power_of_2, num_sms
 
-from .merge import _cast
-
-# Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
+from .merge import _cast, _rounds_bf16
 
 # Widest row kept in registers in one piece (a power of 2); read at call time, so tests can lower it.
 MAX_BLOCK = 8192
@@ -139,10 +136,6 @@ def _tiling(M: int, H: int) -> tuple[int, int, bool, int]:
     return rows, block_h, single, num_warps
 
 
-def _round_bf16(dtype: torch.dtype) -> bool:
-    return _INTERPRET and dtype == torch.bfloat16
-
-
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
     """(y, rstd) for x (M, H) with unit column stride (any row stride), weight (H,), any float dtypes:
     y a new contiguous (M, H) tensor of out_dtype, rstd (M,) fp32."""
@@ -154,7 +147,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtyp
         _rms_norm_fwd_kernel, (cdiv(M, rows),),
         (x, weight, y, rstd, M, H, x.stride(0), y.stride(0), float(eps)),
         dict(ROWS=rows, BLOCK_H=block_h, SINGLE=single,
-             ROUND_X_BF16=_round_bf16(x.dtype), ROUND_Y_BF16=_round_bf16(out_dtype)),
+             ROUND_X_BF16=_rounds_bf16(x.dtype), ROUND_Y_BF16=_rounds_bf16(out_dtype)),
         num_warps=num_warps,
     )
     return y, rstd
@@ -184,7 +177,7 @@ def rms_norm_backward(dy, x, weight, rstd, need_dx: bool = True, need_dw: bool =
         (dy, x, weight, rstd, dx_, partial if need_dw else rstd,
          M, H, dy.stride(0), x.stride(0), dx_.stride(0), n_progs),
         dict(HAS_DX=need_dx, HAS_DW=need_dw, ROWS=rows, BLOCK_H=block_h, SINGLE=single,
-             ROUND_DX_BF16=_round_bf16(x.dtype)),
+             ROUND_DX_BF16=_rounds_bf16(x.dtype)),
         num_warps=num_warps,
     )
     dw = partial.sum(0).to(weight.dtype) if need_dw else None

@@ -13,12 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import cdiv, launch
 
-from .merge import _cast
+from .merge import _cast, _rounds_bf16
 
-# Under TRITON_INTERPRET=1 (CPU) the fp32 -> bf16 cast truncates: the kernels round to nearest even first.
 _BLOCK = 2048
 _NUM_WARPS = 4
 
@@ -52,7 +50,7 @@ def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = gate.numel()
     launch(
         _silu_mul_fwd_kernel, (cdiv(n, _BLOCK),), (gate, up, y, n),
-        dict(BLOCK=_BLOCK, ROUND_BF16=_INTERPRET and gate.dtype == torch.bfloat16), num_warps=_NUM_WARPS,
+        dict(BLOCK=_BLOCK, ROUND_BF16=_rounds_bf16(gate.dtype)), num_warps=_NUM_WARPS,
     )
     return y
 
@@ -64,6 +62,6 @@ def silu_mul_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
     n = gate.numel()
     launch(
         _silu_mul_bwd_kernel, (cdiv(n, _BLOCK),), (dy, gate, up, dg, du, n),
-        dict(BLOCK=_BLOCK, ROUND_BF16=_INTERPRET and gate.dtype == torch.bfloat16), num_warps=_NUM_WARPS,
+        dict(BLOCK=_BLOCK, ROUND_BF16=_rounds_bf16(gate.dtype)), num_warps=_NUM_WARPS,
     )
     return dg, du

@@ -453,7 +453,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     and the loss denominator (a 0-d tensor); no logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, denominator, chunk_bytes):
+    def forward(ctx, hidden, weight, labels, ignore_index, denominator, chunk_bytes, grad_enabled):
         from lora_engine.kernels.cross_entropy import cross_entropy_grad_
 
         h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -461,7 +461,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             h2 = h2.contiguous()
         labels = labels.reshape(-1).long()
         rows, vocab = h2.shape[0], weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad ignores grad mode: under no_grad the loss alone is computed.
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         dh = torch.empty_like(h2) if need_h else None
         dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         losses = torch.empty(rows, device=h2.device, dtype=torch.float32)
@@ -489,7 +490,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         scale = grad_loss.float() / denominator
         dh = (dh * scale).to(h_dtype).reshape(shape) if dh is not None else None
         dw = (dw * scale).to(w_dtype) if dw is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -506,8 +507,8 @@ def linear_cross_entropy(
 
     hidden: (..., H), fp32/fp16/bf16, any strides; weight: (V, H), frozen or trained (then its grad is
     accumulated in fp32); labels: int, hidden's leading dims, in [0, V) or `ignore_index`.
-    The gradient is computed during forward, so this is for training (call it under no_grad for a
-    loss alone and it still does the work of both passes). Checks the labels' range (one host sync).
+    The gradient is computed during forward (under no_grad, only the loss: one GEMM a chunk). Checks
+    the labels' range (one host sync).
     """
     _check_cross_entropy(hidden, weight, labels)
     if torch.is_autocast_enabled(hidden.device.type):
@@ -518,4 +519,5 @@ def linear_cross_entropy(
     _check_labels_in_range(labels, weight.shape[0], ignore_index)
     if not kernels_available(hidden):
         return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, num_items_in_batch)
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, num_items_in_batch, chunk_bytes)
+    return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, num_items_in_batch, chunk_bytes,
+                                            torch.is_grad_enabled())

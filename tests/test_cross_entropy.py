@@ -82,6 +82,16 @@ def test_extreme_logits_stay_finite():
     check(h, w, labels, TOL[torch.float32])
 
 
+def test_no_grad_gives_the_same_loss():
+    """Under no_grad only the loss is computed (no gradient GEMMs): the same value, no graph."""
+    h, w, labels = make(20, 16, 70, torch.float32, weight_grad=True)
+    with_grad = linear_cross_entropy(h, w, labels, chunk_bytes=8 * 70 * 4)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, labels, chunk_bytes=8 * 70 * 4)
+    assert not loss.requires_grad
+    assert torch.equal(loss, with_grad.detach())
+
+
 def test_non_contiguous_hidden():
     h, w, labels = make(16, 40, 90, torch.float32, lead=(4, 4))
     view = h.transpose(0, 1)  # (4, 4, 40) with swapped strides
