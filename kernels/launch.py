@@ -10,7 +10,8 @@ through the JIT, calls the compiled kernel's launcher directly.
 The key: the kernel, the current CUDA device, per tensor argument its dtype and whether its address
 is 16-byte aligned (what Triton specializes pointers on), every int argument's value (Triton
 specializes ints on == 1, divisibility by 16 and 32/64-bit range, all functions of the value), the
-type of any other argument (floats are not specialized), the constexprs and the launch options.
+dtype and block shape of a TMA tensor descriptor, the type of any other argument (floats are not
+specialized), the constexprs and the launch options.
 Under the interpreter, under torch.compile (which traces `kernel[grid]` itself), or with a Triton
 launch hook installed (profilers), every launch goes through the JIT.
 """
@@ -78,11 +79,18 @@ def _check_order(fn, args: tuple, constexprs: dict) -> None:
         )
 
 
+def _other_key(v):
+    # A TMA tensor descriptor specializes the kernel on its dtype and block shape; floats on nothing.
+    if hasattr(v, "block_shape"):
+        return (v.base.dtype, tuple(v.block_shape))
+    return type(v)
+
+
 def launch_key(fn, device: int, args: tuple, constexprs: dict, options: dict) -> tuple:
     """The cache key of a launch (see the module docstring)."""
     return (
         id(fn), device,
-        *[v if type(v) is int else (v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, _Tensor) else type(v)
+        *[v if type(v) is int else (v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, _Tensor) else _other_key(v)
           for v in args],
         *constexprs.values(), *options.items(),
     )

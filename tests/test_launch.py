@@ -29,6 +29,18 @@ def test_key_separates_what_triton_specializes_on():
         _silu_mul_fwd_kernel, 1, (aligned,), {}, {})
 
 
+def test_key_separates_tma_descriptors_by_dtype_and_block():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t, block):
+        return TensorDescriptor(t, t.shape, t.stride(), block)
+
+    x = torch.zeros(64, 64)
+    assert _key(desc(x, [16, 32])) == _key(desc(torch.ones(32, 64), [16, 32]))  # shapes are runtime values
+    assert _key(desc(x, [16, 32])) != _key(desc(x, [32, 16]))
+    assert _key(desc(x, [16, 32])) != _key(desc(x.half(), [16, 32]))
+
+
 def test_plain_int_grid_helpers():
     for a in range(1, 300):
         for b in (1, 7, 16, 64):
