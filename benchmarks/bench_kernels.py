@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from lora_engine.ops import lora_linear, lora_linear_reference, set_base_gemm
+from lora_engine.ops import BASE_GEMMS, lora_linear, lora_linear_reference, set_base_gemm
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (2048, 2048, 2048)]
 RANKS = [8, 16, 64]
@@ -106,7 +106,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first shape only, ranks 16, no dropout")
     ap.add_argument("--out", default=None, help="write rows as JSON lines here")
-    ap.add_argument("--base-gemm", default="cublas", choices=["cublas", "triton"],
+    ap.add_argument("--base-gemm", default="auto", choices=BASE_GEMMS,
                     help="how lora_linear runs the frozen base GEMM (see lora_engine.ops.set_base_gemm)")
     args = ap.parse_args()
     set_base_gemm(args.base_gemm)

@@ -149,6 +149,77 @@ def _gemm_lora_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a linear tile index in grouped order: GROUP_M row-tiles share b's tiles in L2."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + ((tile % group) % group_m), (tile % group) // group_m
+
+
+@triton.jit
+def _gemm_lora_tma_kernel(
+    a_desc, b_desc, out_desc, bias_ptr, c_ptr, d_ptr,
+    M, N, K, R,
+    stride_cm, stride_cr, stride_dn, stride_dr,
+    scale,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, B_ROWS_OUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_STORE: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):
+    """out[M, N] = a[M, K] · bᵀ (+ bias[N]) + (scale · c[M, R]) · d[N, R]ᵀ: persistent, with a, b and out
+    moved by TMA descriptors. b is (N, K) when B_ROWS_OUT, else (K, N); scale · c is rounded to the
+    operand dtype before its product (exact for scale = 1, as lora_linear passes it).
+
+    Each of NUM_PROGRAMS programs walks the tiles pid, pid + NUM_PROGRAMS, ... in grouped order; the LoRA
+    product accumulates into the GEMM's own accumulator (a second fp32 tile beside it spills: 8x slower).
+    SPLIT_STORE stores each output tile as two halves (half the shared memory for the store).
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            if B_ROWS_OUT:
+                b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T
+            else:
+                b = b_desc.load([ki * BLOCK_K, pid_n * BLOCK_N])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if HAS_LORA:
+            offs_r = tl.arange(0, R_PAD)
+            mask_r = offs_r < R
+            c = tl.load(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr,
+                        mask=(offs_m < M)[:, None] & mask_r[None, :], other=0.0)
+            dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
+                         mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
+            c = c.to(tl.float32) * scale
+            if UPCAST:
+                dt = dt.to(tl.float32)
+            else:
+                c = c.to(out_desc.dtype)
+                dt = dt.to(out_desc.dtype)
+            acc = tl.dot(c, dt, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_STORE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            lo, hi = tl.split(halves)
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], lo.to(out_desc.dtype))
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], hi.to(out_desc.dtype))
+        else:
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_desc.dtype))
+
+
 _gemm_lora_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "R_PAD"])(
     _gemm_lora_kernel
 )
@@ -349,8 +420,11 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     rounded to a's dtype for their product.
     mask_seed: a (1,) int64 tensor on the device (read in-kernel: no host sync); when given, the LoRA
     term is multiplied by the keep-mask of an (M, N) tensor.
-    Returns a new contiguous (M, N) tensor of out_dtype.
+    Returns a new contiguous (M, N) tensor of out_dtype. Runs the persistent TMA kernel where
+    `tma_gemm_available(a, b)` (Hopper) and no mask is given, else the pointer kernel.
     """
+    if mask_seed is None and tma_gemm_available(a, b):
+        return gemm_lora_tma(a, b, bias, c, d, scale, out_dtype)
     M, K = a.shape
     N = b.shape[0]
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
@@ -375,6 +449,69 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
     grid = (cdiv(M, config["BLOCK_M"]) * cdiv(N, config["BLOCK_N"]),)
     launch(_gemm_lora_kernel, grid, args, flags | config, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can address: one unit stride, 16-byte aligned base and row stride."""
+    size = t.element_size()
+    unit = 1 if t.stride(1) == 1 else (0 if t.stride(0) == 1 else None)
+    if unit is None or t.data_ptr() % 16:
+        return False
+    return (t.stride(1 - unit) * size) % 16 == 0
+
+
+def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), a with unit column
+    stride, b with one unit stride, both TMA-addressable, and an output row of a multiple of 16 bytes."""
+    if not _INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+        return False
+    return a.stride(1) == 1 and _tma_ready(a) and _tma_ready(b) and (b.shape[0] * a.element_size()) % 16 == 0
+
+
+def _tma_config() -> dict:
+    # (128, 256, 64), 8 warps, 3 stages, halves stored: within 2-6% of cuBLAS with the rank-16 epilogue at
+    # the four shapes of bench_kernels.py on an H100 (benchmarks/profile_gemm.py; flattening the tile loop
+    # as Triton's persistent tutorial does cost 15-20% with the epilogue's loads).
+    if _INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_STORE=True, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_STORE=True, num_warps=8, num_stages=3)
+
+
+def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, config=None):
+    """out = a · bᵀ (+ bias) + (scale · c) · dᵀ through the persistent TMA kernel; the shapes and dtypes
+    of `gemm_lora` (check `tma_gemm_available(a, b)` first). No dropout mask: that stays with `gemm_lora`.
+
+    config: optional dict of the kernel's tile constexprs plus num_warps / num_stages, for benchmarks.
+    """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = b.shape[0]
+    cfg = dict(config or _tma_config())
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    rows_out = b.stride(1) == 1
+    b_desc = (TensorDescriptor(b, b.shape, b.stride(), [bn, bk]) if rows_out
+              else TensorDescriptor(b.t(), (K, N), (b.stride(1), 1), [bk, bn]))
+    store_n = bn // 2 if cfg["SPLIT_STORE"] else bn
+    has_lora = c is not None
+    R = c.shape[1] if has_lora else 1
+    c_ = c if has_lora else a
+    d_ = d if has_lora else a
+    programs = min(num_sms(a.device, 4), cdiv(M, bm) * cdiv(N, bn))
+    launch(
+        _gemm_lora_tma_kernel, (programs,),
+        (TensorDescriptor(a, a.shape, a.stride(), [bm, bk]), b_desc,
+         TensorDescriptor(out, out.shape, out.stride(), [bm, store_n]),
+         bias if bias is not None else out, c_, d_,
+         M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), float(scale)),
+        dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, B_ROWS_OUT=rows_out,
+             UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R))
+        | cfg | dict(NUM_PROGRAMS=programs),
+        num_warps=num_warps, num_stages=num_stages,
+    )
     return out
 
 

@@ -95,19 +95,33 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 # How the frozen base GEMM runs inside `lora_linear`:
 #   "cublas": a Triton kernel writes the LoRA term (with bias, or the dropout mask in backward),
 #             then cuBLAS accumulates x·Wᵀ onto it in place (addmm_, beta=1);
-#   "triton": one Triton GEMM with the LoRA term in its epilogue (y written once).
-# "cublas" is the default: on H100 a Triton GEMM is still 1.1-1.3x slower than cuBLAS
-# (see benchmarks/RESULTS.md), which costs more than the extra read and write of y.
-BASE_GEMMS = ("cublas", "triton")
-_base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "cublas")
+#   "triton": one Triton GEMM with the LoRA term in its epilogue (y written once): the persistent TMA
+#             kernel on Hopper, a pointer-based kernel elsewhere and for dropout's masked dx term;
+#   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
+#             multiply-adds) and the term needs no dropout mask, else "cublas". On an H100 the TMA kernel
+#             with the epilogue is within 2-6% of cuBLAS alone, which saves the extra write and read of the
+#             LoRA term; the pointer kernel is 1.1-1.3x slower than cuBLAS (benchmarks/RESULTS.md).
+BASE_GEMMS = ("auto", "cublas", "triton")
+_base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "auto")
+_TRITON_MIN_MACS = 1 << 30
 
 
 def set_base_gemm(name: str) -> None:
-    """Choose how lora_linear runs the base GEMM: "cublas" (default) or "triton" (fully fused)."""
+    """Choose how lora_linear runs the base GEMM: "auto" (default), "cublas" or "triton" (fully fused)."""
     global _base_gemm
     if name not in BASE_GEMMS:
         raise ValueError(f"unknown base GEMM {name!r}; choose one of {BASE_GEMMS}")
     _base_gemm = name
+
+
+def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool) -> bool:
+    """Whether a · bᵀ (+ the LoRA term, masked by dropout when `masked`) runs as one Triton GEMM."""
+    if _base_gemm != "auto":
+        return _base_gemm == "triton"
+    from lora_engine.kernels import lora_linear as K
+
+    macs = a.shape[0] * a.shape[1] * b.shape[0]
+    return not masked and macs >= _TRITON_MIN_MACS and K.tma_gemm_available(a, b)
 
 
 def kernels_available(x: torch.Tensor) -> bool:
@@ -185,14 +199,14 @@ class LoRALinearFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - dropout_p) if seed is not None else 1.0
         # scaling is folded into xa (and into g in backward): no separate pass applies it. lora_a and
         # lora_b go to the kernels as they are (fp32 adapters are rounded to x's dtype in-kernel).
-        if _base_gemm == "cublas":
+        if _fused_gemm(x2, weight, masked=False):
+            xa = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
+            y = K.gemm_lora(x2, weight, bias, xa, lora_b, 1.0, x.dtype)
+        else:
             # One launch writes xa and the LoRA term y = xa·Bᵀ (+ b); cuBLAS adds x·Wᵀ onto y in place.
             xa, y = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold,
                                 lora_b=lora_b, bias=bias)
             y.addmm_(x2, weight.t())
-        else:
-            xa = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
-            y = K.gemm_lora(x2, weight, bias, xa, lora_b, 1.0, x.dtype)
         ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
         ctx.meta = (x.shape, scaling * keep_scale, seed, threshold)
         return y.reshape(*x.shape[:-1], out_f)
@@ -215,7 +229,13 @@ class LoRALinearFunction(torch.autograd.Function):
         # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
-        if _base_gemm == "cublas":
+        if need_x and _fused_gemm(dy2, weight.t(), masked=seed is not None):
+            # dx = dy·W + mask ⊙ (g·A) in one GEMM: W read as (in, out) and A as (in, r) via strides.
+            dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold)
+            dx = dx.reshape(x_shape)
+            if need_a:
+                K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold)
+        else:
             # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.
             if need_x:
                 dx = torch.empty((M, K_in), device=dy.device, dtype=x2.dtype)
@@ -224,13 +244,6 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_x:
                 dx.addmm_(dy2, weight)
                 dx = dx.reshape(x_shape)
-        else:
-            if need_x:
-                # dx = dy·W + mask ⊙ (g·A) in one GEMM: W read as (in, out) and A as (in, r) via strides.
-                dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold)
-                dx = dx.reshape(x_shape)
-            if need_a:
-                K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold)
         da = (da if a.dtype == torch.float32 else da.to(a.dtype)) if need_a else None
         db = (db if b.dtype == torch.float32 else db.to(b.dtype)) if need_b else None
         if dbias is not None:

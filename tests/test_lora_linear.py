@@ -12,6 +12,7 @@ from conftest import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_engine.kernels import lora_linear as K
 from lora_engine.ops import (
     BASE_GEMMS,
     dropout_keep_mask,
@@ -30,7 +31,7 @@ def base_gemm(request):
     """Run a test with each way of computing the frozen base GEMM."""
     set_base_gemm(request.param)
     yield request.param
-    set_base_gemm("cublas")
+    set_base_gemm("auto")
 
 
 def make_inputs(lead, k, n, r, dtype, device="cpu", bias=True, lora_dtype=torch.float32, seed=0):
@@ -118,6 +119,77 @@ def test_transposed_view_weight():
     assert not w_t.is_contiguous()
     outs, refs = run_both(x, w_t, b, a, bb, scaling=1.0, p=0.0)
     assert_close(outs, refs, TOL[torch.float32])
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    m=st.integers(1, 80),
+    k8=st.integers(1, 12),
+    n8=st.integers(1, 12),
+    r=st.integers(1, 64),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    bias=st.booleans(),
+    rows_out=st.booleans(),
+    lora=st.booleans(),
+)
+def test_tma_gemm_matches_fp64(m, k8, n8, r, dtype, bias, rows_out, lora):
+    """The persistent TMA GEMM: any row count, sizes in whole 16-byte rows, W as (out, in) or a transposed
+    view of (in, out), with and without bias and the LoRA term (d in fp32, rounded to the operand dtype)."""
+    k, n = 8 * k8, 8 * n8
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    b = (torch.randn(n, k, generator=g) if rows_out else torch.randn(k, n, generator=g).t()).to(dtype) / math.sqrt(k)
+    c = torch.randn(m, r, generator=g).to(dtype) if lora else None
+    d = torch.randn(n, r, generator=g) / math.sqrt(r) if lora else None
+    bi = torch.randn(n, generator=g).to(dtype) if bias else None
+    assert K.tma_gemm_available(a, b)
+    out = K.gemm_lora_tma(a, b, bi, c, d, 1.0, dtype)
+    ref = a.double() @ b.double().T
+    if lora:
+        ref = ref + c.double() @ d.to(dtype).double().T
+    if bias:
+        ref = ref + bi.double()
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+def test_tma_gemm_needs_16_byte_rows_and_a_unit_stride():
+    """Where TMA cannot address an operand, `gemm_lora` runs the pointer kernel instead: same result."""
+    half = torch.randn(16, 20).half()  # 40-byte rows
+    w = torch.randn(24, 32)
+    assert not K.tma_gemm_available(half, torch.randn(24, 20).half())
+    assert not K.tma_gemm_available(torch.randn(40, 16).t(), w[:, :16])  # a column-major
+    assert not K.tma_gemm_available(torch.randn(16, 36)[:, 1:33], w)  # base 4 bytes off 16-byte alignment
+    assert not K.tma_gemm_available(torch.randn(16, 32), torch.randn(23, 32))  # 92-byte output rows
+    assert K.tma_gemm_available(torch.randn(16, 32), w) and K.tma_gemm_available(torch.randn(16, 32), w.t().t())
+    x = torch.randn(16, 36)[:, 1:33]
+    out = K.gemm_lora(x, w, None, None, None, 1.0, torch.float32)
+    assert rel_err(out, x.double() @ w.double().T) <= TOL[torch.float32]
+
+
+def test_auto_fuses_large_unmasked_aligned_gemms(monkeypatch):
+    """"auto" runs one Triton GEMM (the TMA kernel) only without a dropout mask on its LoRA term, at
+    TMA-aligned shapes of at least `_TRITON_MIN_MACS`; the op matches fp64 on that path."""
+    from lora_engine import ops
+
+    a, b = torch.randn(64, 32), torch.randn(48, 32)
+    set_base_gemm("auto")
+    try:
+        assert not ops._fused_gemm(a, b, masked=False)  # below the size where the fused GEMM pays
+        monkeypatch.setattr(ops, "_TRITON_MIN_MACS", 0)
+        assert ops._fused_gemm(a, b, masked=False)
+        assert not ops._fused_gemm(a, b, masked=True)
+        assert not ops._fused_gemm(torch.randn(64, 30), torch.randn(48, 30), masked=False)
+        for p in (0.0, 0.2):
+            x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
+            outs, refs = run_both(x, w, bias, la, lb, scaling=2.0, p=p)
+            assert_close(outs, refs, TOL[torch.float32])
+        set_base_gemm("cublas")
+        assert not ops._fused_gemm(a, b, masked=False)
+        set_base_gemm("triton")
+        assert ops._fused_gemm(a, b, masked=True)
+    finally:
+        set_base_gemm("auto")
 
 
 def test_dropout_is_reproducible_and_has_the_right_rate():
