@@ -1,7 +1,8 @@
 """Triton kernels of the fused LoRA linear, and their launchers.
 
 Forward:  xa = dropout(x) Aᵀ, and y = s · xa Bᵀ + b (lora_down, one launch; cuBLAS then adds x Wᵀ onto y)
-          or y = x Wᵀ + b + s · xa Bᵀ               (gemm_lora: the LoRA term is the GEMM's epilogue)
+          or y = x Wᵀ + b + s · xa Bᵀ               (gemm_lora: the LoRA term is the GEMM's epilogue;
+                                                     on Hopper the persistent TMA kernel, gemm_lora_tma)
 Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of dy)
           dA = s · gᵀ dropout(x)                    (lora_grad_a: one read of x)
           dx = dy W + s · mask ⊙ (g A)              (the LoRA term from lora_grad_a's tiles, then
@@ -22,6 +23,7 @@ Reductions across programs (dB, db, g when N is split, dA when M is split) go th
 `atomic_add` into zeroed buffers; the launchers return those fp32 buffers.
 """
 
+import functools
 import os
 
 import torch
@@ -206,8 +208,8 @@ def _gemm_lora_tma_kernel(
             if UPCAST:
                 dt = dt.to(tl.float32)
             else:
-                c = c.to(out_desc.dtype)
-                dt = dt.to(out_desc.dtype)
+                c = c.to(a_desc.dtype)
+                dt = dt.to(a_desc.dtype)
             acc = tl.dot(c, dt, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -461,10 +463,15 @@ def _tma_ready(t: torch.Tensor) -> bool:
     return (t.stride(1 - unit) * size) % 16 == 0
 
 
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), a with unit column
-    stride, b with one unit stride, both TMA-addressable, and an output row of a multiple of 16 bytes."""
-    if not _INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+    """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), no empty operand, a
+    with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte multiples."""
+    if not (_INTERPRET or _has_tma(a.device)) or a.numel() == 0 or b.numel() == 0:
         return False
     return a.stride(1) == 1 and _tma_ready(a) and _tma_ready(b) and (b.shape[0] * a.element_size()) % 16 == 0
 

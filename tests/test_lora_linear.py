@@ -161,6 +161,7 @@ def test_tma_gemm_needs_16_byte_rows_and_a_unit_stride():
     assert not K.tma_gemm_available(torch.randn(40, 16).t(), w[:, :16])  # a column-major
     assert not K.tma_gemm_available(torch.randn(16, 36)[:, 1:33], w)  # base 4 bytes off 16-byte alignment
     assert not K.tma_gemm_available(torch.randn(16, 32), torch.randn(23, 32))  # 92-byte output rows
+    assert not K.tma_gemm_available(torch.randn(0, 32), w)  # nothing to compute
     assert K.tma_gemm_available(torch.randn(16, 32), w) and K.tma_gemm_available(torch.randn(16, 32), w.t().t())
     x = torch.randn(16, 36)[:, 1:33]
     out = K.gemm_lora(x, w, None, None, None, 1.0, torch.float32)
