@@ -36,11 +36,13 @@ def median_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def make(m, k, n, r, dtype=torch.bfloat16):
+def make(m, k, n, r, dtype=torch.bfloat16, lora_dtype=None):
+    """x (requires grad), frozen w, LoRA a and b (in lora_dtype, default x's; require grad), and dy."""
+    lora_dtype = lora_dtype or dtype
     x = torch.randn(m, k, device="cuda", dtype=dtype).requires_grad_()
     w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
-    a = (torch.randn(r, k, device="cuda", dtype=dtype) / math.sqrt(k)).requires_grad_()
-    b = (torch.randn(n, r, device="cuda", dtype=dtype) / math.sqrt(r)).requires_grad_()
+    a = (torch.randn(r, k, device="cuda", dtype=lora_dtype) / math.sqrt(k)).requires_grad_()
+    b = (torch.randn(n, r, device="cuda", dtype=lora_dtype) / math.sqrt(r)).requires_grad_()
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
     return x, w, a, b, dy
 

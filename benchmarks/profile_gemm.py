@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 import triton
+from bench_kernels import make  # benchmarks/ is sys.path[0] when this script runs
 from triton.testing import do_bench_cudagraph
 
 from lora_engine.kernels import lora_linear as K
@@ -136,11 +137,7 @@ def part2(shapes):
 
 
 def part3_row(m, k, n, r=16) -> None:
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
-    a = (torch.randn(r, k, device="cuda") / math.sqrt(k)).requires_grad_()
-    b = (torch.randn(n, r, device="cuda") / math.sqrt(r)).requires_grad_()
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    x, w, a, b, dy = make(m, k, n, r, lora_dtype=torch.float32)
 
     def step(fn, params):
         def f():

@@ -12,13 +12,13 @@ replayed from a CUDA graph, so no host time is in them (dropout 0: our seed copy
 from __future__ import annotations
 
 import collections
-import math
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
+from bench_kernels import make  # benchmarks/ is sys.path[0] when this script runs
 from triton.testing import do_bench, do_bench_cudagraph
 
 from lora_engine.kernels import lora_linear as K
@@ -38,15 +38,6 @@ def host_us(fn, n=50, batches=9):
         times.append((time.perf_counter() - t) / n)
         torch.cuda.synchronize()
     return statistics.median(times) * 1e6
-
-
-def make(m, k, n, r):
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
-    a = (torch.randn(r, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)).requires_grad_()
-    b = (torch.randn(n, r, device="cuda", dtype=torch.bfloat16) / math.sqrt(r)).requires_grad_()
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    return x, w, a, b, dy
 
 
 class Identity(torch.autograd.Function):

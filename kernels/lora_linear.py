@@ -85,6 +85,15 @@ def _keep_mask(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len, threshold)
 
 
 @triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a linear tile index in grouped order: GROUP_M row-tiles share b's tiles in L2."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + ((tile % group) % group_m), (tile % group) // group_m
+
+
+@triton.jit
 def _gemm_lora_kernel(
     a_ptr, b_ptr, bias_ptr, c_ptr, d_ptr, out_ptr,
     M, N, K, R, m_bucket,
@@ -99,12 +108,7 @@ def _gemm_lora_kernel(
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share the same b tiles while they are in L2.
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % group_m)
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = _tile_coords(pid, num_m, num_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -149,15 +153,6 @@ def _gemm_lora_kernel(
 
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of a linear tile index in grouped order: GROUP_M row-tiles share b's tiles in L2."""
-    group = GROUP_M * num_n
-    first_m = (tile // group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    return first_m + ((tile % group) % group_m), (tile % group) // group_m
 
 
 @triton.jit

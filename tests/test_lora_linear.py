@@ -193,6 +193,15 @@ def test_auto_fuses_large_unmasked_aligned_gemms(monkeypatch):
         set_base_gemm("auto")
 
 
+def test_unknown_base_gemm_is_named_and_changes_nothing():
+    from lora_engine import ops
+
+    before = ops._base_gemm
+    with pytest.raises(ValueError, match=r"unknown base GEMM 'cutlass'; choose one of \('auto', 'cublas', 'triton'\)"):
+        set_base_gemm("cutlass")
+    assert ops._base_gemm == before
+
+
 def test_dropout_is_reproducible_and_has_the_right_rate():
     x, w, b, a, bb = make_inputs((64,), 128, 16, 8, torch.float32)
     torch.manual_seed(7)
