@@ -1,13 +1,16 @@
 """The persistent TMA GEMM with the LoRA epilogue (`gemm_lora_tma`) against cuBLAS, and the whole op with
-each base GEMM, GPU time alone (CUDA-graph replay), bf16, r16, in one run.
+each base GEMM, GPU time alone (CUDA-graph replay), bf16, in one run.
 
     python benchmarks/profile_gemm.py [--quick]
 
-Part 1 checks the kernel against fp64 (bf16 and fp16, odd sizes, bias, both weight layouts).
-Part 2 times, per shape: the forward y = x Wᵀ + xa·Bᵀ and the backward dx = dy W + g·A through cuBLAS
-alone (the floor), our cuBLAS path (a Triton kernel writes the LoRA term, cuBLAS adds onto it) and the
-TMA kernel under each tile config. Part 3 times lora_linear fwd+bwd and forward with the base GEMM
-"cublas" and "auto" (the default).
+Part 1 checks the kernel against fp64 (bf16 and fp16, odd sizes, bias, both weight layouts, every tile
+config; xa computed in the GEMM; the backward epilogue with and without the dropout mask, with dA, in 1, 2
+and 4 column parts).
+Part 2 times, per shape (r16; the forward also r64): the forward through cuBLAS alone (the floor), the xa
+pass then the TMA GEMM adding xa·Bᵀ, and the TMA GEMM computing xa itself; the backward dx through cuBLAS
+alone (the floor) and, without and with dropout, the earlier paths (TMA GEMM + the dA pass; the masked
+term and dA from one pass, then cuBLAS adds dy·W) against the TMA GEMM with dA in its epilogue.
+Part 3 times lora_linear fwd+bwd and forward with the base GEMM "cublas" and "auto" (the default).
 """
 
 from __future__ import annotations
@@ -22,21 +25,21 @@ from bench_kernels import make  # benchmarks/ is sys.path[0] when this script ru
 from triton.testing import do_bench_cudagraph
 
 from lora_engine.kernels import lora_linear as K
-from lora_engine.ops import lora_linear, set_base_gemm
+from lora_engine.ops import dropout_keep_mask, lora_linear, set_base_gemm
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (2048, 2048, 2048)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_STORE)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPI_SPLIT)
 CONFIGS = [
-    (128, 256, 64, 8, 3, True),
-    (128, 256, 64, 8, 3, False),
-    (256, 128, 64, 8, 3, True),
-    (128, 128, 64, 8, 4, False),
+    (128, 256, 64, 8, 3, 2),
+    (128, 256, 64, 8, 3, 1),
+    (128, 256, 64, 8, 3, 4),
+    (256, 128, 64, 8, 3, 2),
 ]
 
 
 def cfg_dict(c):
     bm, bn, bk, w, s, split = c
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_STORE=split, num_warps=w, num_stages=s)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SPLIT=split, num_warps=w, num_stages=s)
 
 
 def gpu_ms(fn) -> float:
@@ -73,6 +76,34 @@ def check() -> float:
                 tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
                 assert e <= tol, (dtype, m, k, n, r, conf, e)
                 worst = max(worst, e)
+            # xa computed inside the GEMM (down fp32, rounded to the operand dtype)
+            down = torch.randn(r, k, device="cuda", generator=g) / math.sqrt(k)
+            out, xa = K.gemm_lora_tma(a, b, bi, None, d, 0.5, dtype, down=down)
+            xa_ref = 0.5 * a.double() @ down.to(dtype).double().T
+            ref = a.double() @ b.double().T + xa.double() @ d.to(dtype).double().T + (bi.double() if bias else 0)
+            for name, o, rf in (("xa", xa, xa_ref), ("y+xa", out, ref)):
+                e = rel(o, rf)
+                assert o.isfinite().all() and e <= tol, (name, dtype, m, k, n, r, e)
+                worst = max(worst, e)
+            # the backward epilogue: dx of shape (m, n) from dy (m, k) and W viewed (k, n); dA from x (m, n)
+            x = torch.randn(m, n, device="cuda", dtype=dtype, generator=g)
+            gr = torch.randn(m, r, device="cuda", generator=g)
+            la = torch.randn(r, n, device="cuda", generator=g) / math.sqrt(n)
+            for p in (0.0, 0.05):
+                seed = torch.tensor([7 + i], device="cuda") if p else None
+                keep = (dropout_keep_mask(7 + i, m, n, p, device="cuda").double() if p else 1.0)
+                g_op = gr.to(dtype).double()
+                dx_ref = a.double() @ b.double().T + keep * (g_op @ la.to(dtype).double())
+                da_ref = g_op.T @ (keep * x.double())
+                for split in (1, 2, 4):
+                    da = torch.zeros(r, n, device="cuda")
+                    dx = K.gemm_lora_tma(a, b, None, gr, la.t(), 1.0, dtype, mask_seed=seed,
+                                         threshold=K.dropout_threshold(p), da=da, da_x=x,
+                                         config=K._tma_config() | dict(EPI_SPLIT=split))
+                    for name, o, rf in (("dx", dx, dx_ref), ("da", da, da_ref)):
+                        e = rel(o, rf)
+                        assert o.isfinite().all() and e <= tol, (name, p, split, dtype, m, k, n, r, e)
+                        worst = max(worst, e)
     return worst
 
 
@@ -81,34 +112,45 @@ def part2_row(m, k, n, r=16) -> dict:
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
     a = torch.randn(r, k, device="cuda") / math.sqrt(k)
     b = torch.randn(n, r, device="cuda") / math.sqrt(r)
-    xa = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+    a64 = torch.randn(64, k, device="cuda") / math.sqrt(k)
+    b64 = torch.randn(n, 64, device="cuda") / 8
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(m, r, device="cuda", dtype=torch.float32)
     da = torch.zeros(r, k, device="cuda")
+    seed = torch.tensor([5], device="cuda")
+    thr = K.dropout_threshold(0.05)
 
-    def fwd_cublas_path():
-        _, y = K.lora_down(x, a, 2.0, x.dtype, lora_b=b)
-        y.addmm_(x, w.t())
+    def fwd_pass(a=a, b=b):
+        xa = K.lora_down(x, a, 2.0, x.dtype)
+        K.gemm_lora_tma(x, w, None, xa, b, 1.0, x.dtype)
 
-    def bwd_cublas_path():
+    def dx_pass():  # p = 0 before: the TMA GEMM adds g·A, then the dA pass
+        K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype)
+        K.lora_grad_a(g, x, 1.0, da)
+
+    def dx_masked_pass():  # p > 0 before: the masked term and dA from one pass, then cuBLAS adds dy·W
         dx = torch.empty_like(x)
-        K.lora_grad_a(g, x, 1.0, da, lora_a=a, dx=dx)
+        K.lora_grad_a(g, x, 1.0, da, lora_a=a, dx=dx, mask_seed=seed, threshold=thr)
         dx.addmm_(dy, w)
 
-    row = dict(shape=f"{m}x{k}->{n}", fwd_base=gpu_ms(lambda: F.linear(x, w)), fwd_cur=gpu_ms(fwd_cublas_path),
-               fwd_down=gpu_ms(lambda: K.lora_down(x, a, 2.0, x.dtype)),
-               bwd_base=gpu_ms(lambda: dy @ w), bwd_cur=gpu_ms(bwd_cublas_path),
-               bwd_grad_a=gpu_ms(lambda: K.lora_grad_a(g, x, 1.0, da)))
-    for i, conf in enumerate(CONFIGS):
-        cd = cfg_dict(conf)
-        try:
-            row[f"fwd_tma{i}"] = gpu_ms(lambda cd=cd: K.gemm_lora_tma(x, w, None, xa, b, 1.0, x.dtype, config=cd))
-            row[f"gemm_tma{i}"] = gpu_ms(
-                lambda cd=cd: K.gemm_lora_tma(x, w, None, None, None, 1.0, x.dtype, config=cd))
-            row[f"bwd_tma{i}"] = gpu_ms(
-                lambda cd=cd: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, config=cd))
-        except triton.runtime.errors.OutOfResources as e:  # a config that does not fit on this GPU
-            print(f"# config {conf} at {row['shape']}: {type(e).__name__}: {str(e)[:120]}")
+    def dx_fused(split, masked):
+        cfg = K._tma_config() | dict(EPI_SPLIT=split)
+        return lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_seed=seed if masked else None,
+                                       threshold=thr, da=da, da_x=x, config=cfg)
+
+    row = dict(shape=f"{m}x{k}->{n}", fwd_base=gpu_ms(lambda: F.linear(x, w)), fwd_pass=gpu_ms(fwd_pass),
+               fwd_down=gpu_ms(lambda: K.gemm_lora_tma(x, w, None, None, b, 2.0, x.dtype, down=a)),
+               fwd_pass64=gpu_ms(lambda: fwd_pass(a64, b64)),
+               fwd_down64=gpu_ms(lambda: K.gemm_lora_tma(x, w, None, None, b64, 2.0, x.dtype, down=a64)),
+               xa_pass=gpu_ms(lambda: K.lora_down(x, a, 2.0, x.dtype)),
+               bwd_base=gpu_ms(lambda: dy @ w), dx_pass=gpu_ms(dx_pass), dxp_pass=gpu_ms(dx_masked_pass),
+               da_pass=gpu_ms(lambda: K.lora_grad_a(g, x, 1.0, da)))
+    for split in (2, 4):
+        for masked in (False, True):
+            try:
+                row[f"dx{'p' if masked else ''}_fused{split}"] = gpu_ms(dx_fused(split, masked))
+            except triton.runtime.errors.OutOfResources as e:
+                print(f"# split {split} masked {masked} at {row['shape']}: {str(e)[:120]}")
     print(row, flush=True)
     return row
 
@@ -120,19 +162,21 @@ def ratio(row, key, base):
 
 def part2(shapes):
     rows = [part2_row(m, k, n) for m, k, n in shapes]
-    print("\n| shape | fwd cuBLAS ms | fwd cuBLAS path (×) | xa pass ms | " +
-          " | ".join(f"fwd tma{i} (×)" for i in range(len(CONFIGS))) + " |")
+    print("\n| shape | fwd cuBLAS ms | xa pass ms | r16: xa pass + TMA GEMM (×) | r16: TMA GEMM computing xa (×) "
+          "| r64: pass + GEMM (×) | r64: GEMM computing xa (×) |")
+    print("|" + " --- |" * 7)
     for row in rows:
-        gemm = [row.get(f"gemm_tma{i}", math.nan) / row["fwd_base"] for i in range(len(CONFIGS))]
-        cells = [ratio(row, f"fwd_tma{i}", "fwd_base") + f"; gemm alone {gemm[i]:.2f})" for i in range(len(CONFIGS))]
-        print(f"| {row['shape']} | {row['fwd_base']:.3f} | {ratio(row, 'fwd_cur', 'fwd_base')}) "
-              f"| {row['fwd_down']:.3f} | " + " | ".join(cells) + " |")
-    print("\n| shape | dx cuBLAS ms | dx cuBLAS path + dA (×) | dA pass ms | " +
-          " | ".join(f"dx tma{i} (×)" for i in range(len(CONFIGS))) + " |")
+        print(f"| {row['shape']} | {row['fwd_base']:.3f} | {row['xa_pass']:.3f} "
+              f"| {ratio(row, 'fwd_pass', 'fwd_base')}) | {ratio(row, 'fwd_down', 'fwd_base')}) "
+              f"| {ratio(row, 'fwd_pass64', 'fwd_base')}) | {ratio(row, 'fwd_down64', 'fwd_base')}) |")
+    print("\n| shape | dx cuBLAS ms | dA pass ms | p=0: TMA GEMM + dA pass (×) | p=0: dA in epilogue, halves (×) "
+          "| quarters (×) | p=.05: masked pass + cuBLAS (×) | p=.05: in epilogue, halves (×) | quarters (×) |")
+    print("|" + " --- |" * 9)
     for row in rows:
-        cells = [ratio(row, f"bwd_tma{i}", "bwd_base") + ")" for i in range(len(CONFIGS))]
-        print(f"| {row['shape']} | {row['bwd_base']:.3f} | {ratio(row, 'bwd_cur', 'bwd_base')}) "
-              f"| {row['bwd_grad_a']:.3f} | " + " | ".join(cells) + " |")
+        print(f"| {row['shape']} | {row['bwd_base']:.3f} | {row['da_pass']:.3f} | {ratio(row, 'dx_pass', 'bwd_base')}) "
+              f"| {ratio(row, 'dx_fused2', 'bwd_base')}) | {ratio(row, 'dx_fused4', 'bwd_base')}) "
+              f"| {ratio(row, 'dxp_pass', 'bwd_base')}) | {ratio(row, 'dxp_fused2', 'bwd_base')}) "
+              f"| {ratio(row, 'dxp_fused4', 'bwd_base')}) |")
     return rows
 
 
@@ -177,12 +221,16 @@ def part3(shapes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--parts", default="123", help="which parts to run, e.g. 13 (default: all)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    print(f"check vs fp64 (bf16, fp16; every config): worst rel err {check():.2e}", flush=True)
-    part2(shapes)
-    part3(shapes)
+    if "1" in args.parts:
+        print(f"check vs fp64 (bf16, fp16; every config): worst rel err {check():.2e}", flush=True)
+    if "2" in args.parts:
+        part2(shapes)
+    if "3" in args.parts:
+        part3(shapes)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 Forward:  xa = dropout(x) Aᵀ, and y = s · xa Bᵀ + b (lora_down, one launch; cuBLAS then adds x Wᵀ onto y)
           or y = x Wᵀ + b + s · xa Bᵀ               (gemm_lora: the LoRA term is the GEMM's epilogue;
-                                                     on Hopper the persistent TMA kernel, gemm_lora_tma)
+                                                     on Hopper the persistent TMA kernel, gemm_lora_tma,
+                                                     which without dropout can also compute xa itself)
 Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of dy)
           dA = s · gᵀ dropout(x)                    (lora_grad_a: one read of x)
           dx = dy W + s · mask ⊙ (g A)              (the LoRA term from lora_grad_a's tiles, then
-                                                     cuBLAS adds dy W onto it; or gemm_lora fused)
+                                                     cuBLAS adds dy W onto it; or gemm_lora fused,
+                                                     on Hopper with dA in the same kernel's epilogue)
 
 The dropout mask is Philox (`tl.randint4x`, one call per 8 consecutive elements of a row) keyed by
 a seed and the element's (row, column), so backward regenerates it instead of storing it. The seed
@@ -156,30 +158,73 @@ def _gemm_lora_kernel(
 
 
 @triton.jit
-def _gemm_lora_tma_kernel(
-    a_desc, b_desc, out_desc, bias_ptr, c_ptr, d_ptr,
-    M, N, K, R,
-    stride_cm, stride_cr, stride_dn, stride_dr,
-    scale,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, B_ROWS_OUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_STORE: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+def _tma_epilogue_part(
+    part, out_desc, row0, n0, offs_m, c_op, M, N, R,
+    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr, PART_N: tl.constexpr,
 ):
-    """out[M, N] = a[M, K] · bᵀ (+ bias[N]) + (scale · c[M, R]) · d[N, R]ᵀ: persistent, with a, b and out
-    moved by TMA descriptors. b is (N, K) when B_ROWS_OUT, else (K, N); scale · c is rounded to the
-    operand dtype before its product (exact for scale = 1, as lora_linear passes it).
+    """Finish and store output columns [n0, n0 + PART_N) of a tile: bias, the LoRA term when masked (a tile of
+    its own, PART_N wide: a whole one beside the accumulator spills; unmasked it is already in `part`) and
+    dA's share from the x tile, then the store."""
+    offs_n = n0 + tl.arange(0, PART_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, offs_m, n0, PART_N, N, threshold)
+        if HAS_LORA:
+            dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            lora = tl.dot(c_op, dt.to(c_op.dtype), input_precision=PRECISION)
+            part += tl.where(keep, lora, 0.0)
+    if HAS_BIAS:
+        part += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_GRAD_A:
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n.to(tl.int64)[None, :] * stride_xn,
+                    mask=(offs_m < M)[:, None] & mask_n[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, 0.0)
+        da_t = tl.dot(tl.trans(x.to(c_op.dtype)), c_op, input_precision=PRECISION)
+        tl.atomic_add(da_ptr + offs_r[None, :] * N + offs_n[:, None], da_t,
+                      mask=mask_r[None, :] & mask_n[:, None], sem="relaxed")
+    out_desc.store([row0, n0], part.to(out_desc.dtype))
 
-    Each of NUM_PROGRAMS programs walks the tiles pid, pid + NUM_PROGRAMS, ... in grouped order; the LoRA
-    product accumulates into the GEMM's own accumulator (a second fp32 tile beside it spills: 8x slower).
-    SPLIT_STORE stores each output tile as two halves (half the shared memory for the store).
+
+@triton.jit
+def _gemm_lora_tma_kernel(
+    a_desc, b_desc, out_desc, down_desc, bias_ptr, c_ptr, d_ptr, x_ptr, da_ptr,
+    M, N, K, R,
+    stride_cm, stride_cr, stride_dn, stride_dr, stride_xm, stride_xn,
+    scale, seed_ptr, threshold,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DOWN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_GRAD_A: tl.constexpr, B_ROWS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):
+    """out[M, N] = a[M, K] · bᵀ (+ bias[N]) + mask ⊙ (c' · d[N, R]ᵀ) with c' = round(scale · c[M, R]):
+    persistent, with a, b, out (and down) moved by TMA descriptors. b is (N, K) when B_ROWS_OUT, else (K, N).
+
+    HAS_DOWN (forward): c is computed, c' = round(scale · a · down[R, K]ᵀ) from the a tiles the K-loop loads,
+    and the tiles of the first column block store it to c_ptr (M, R).
+    HAS_DROPOUT (backward dx): the LoRA term is multiplied by the keep-mask of an (M, N) tensor.
+    HAS_GRAD_A (backward dx): da[R, N] (fp32) += c'ᵀ · (mask ⊙ x[M, N]), from x tiles loaded in the epilogue:
+    the dA pass over x rides on the dx GEMM.
+    Each of NUM_PROGRAMS programs walks the tiles pid, pid + NUM_PROGRAMS, ... in grouped order. An unmasked
+    LoRA product accumulates into the GEMM's own accumulator; the epilogue then runs in EPI_SPLIT column parts.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    op_dtype = tl.float32 if UPCAST else a_desc.dtype
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_DOWN:
+            xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             if B_ROWS_OUT:
@@ -189,32 +234,61 @@ def _gemm_lora_tma_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
+            if HAS_DOWN:
+                xa = tl.dot(a, down_desc.load([0, ki * BLOCK_K]).to(a.dtype).T, xa, input_precision=PRECISION)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if HAS_LORA:
-            offs_r = tl.arange(0, R_PAD)
-            mask_r = offs_r < R
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        c_op = tl.zeros((BLOCK_M, R_PAD), dtype=op_dtype)
+        if HAS_DOWN:
+            c_st = (xa * scale).to(c_ptr.dtype.element_ty)
+            if pid_n == 0:
+                tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr, c_st,
+                         mask=(offs_m < M)[:, None] & mask_r[None, :])
+            c_op = c_st.to(op_dtype)
+        elif HAS_LORA:
             c = tl.load(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr,
                         mask=(offs_m < M)[:, None] & mask_r[None, :], other=0.0)
-            dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
-                         mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
-            c = c.to(tl.float32) * scale
-            if UPCAST:
-                dt = dt.to(tl.float32)
-            else:
-                c = c.to(a_desc.dtype)
-                dt = dt.to(a_desc.dtype)
-            acc = tl.dot(c, dt, acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if SPLIT_STORE:
-            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            lo, hi = tl.split(halves)
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], lo.to(out_desc.dtype))
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], hi.to(out_desc.dtype))
+            c_op = (c.to(tl.float32) * scale).to(op_dtype)
+        if HAS_LORA:
+            if not HAS_DROPOUT:
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
+                             mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
+                acc = tl.dot(c_op, dt.to(op_dtype), acc, input_precision=PRECISION)
+        row0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        if EPI_SPLIT == 1:
+            _tma_epilogue_part(acc, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N)
+        elif EPI_SPLIT == 2:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _tma_epilogue_part(lo, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
+            _tma_epilogue_part(hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr,
+                               stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
+                               HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
         else:
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(out_desc.dtype))
+            # Quarters: column n = i·BLOCK_N/2 + j·BLOCK_N/4 + k; split over i, then over j.
+            q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 2, 1))
+            h0, h1 = tl.split(q)
+            q0, q1 = tl.split(h0)
+            q2, q3 = tl.split(h1)
+            _tma_epilogue_part(q0, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+            _tma_epilogue_part(q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
+                               stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+            _tma_epilogue_part(q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
+                               stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+            _tma_epilogue_part(q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, M, N, R, bias_ptr, d_ptr,
+                               stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
+                               HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
 
 
 _gemm_lora_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "R_PAD"])(
@@ -410,18 +484,24 @@ def dropout_threshold(p: float) -> int:
     return int(round(p * (1 << 16)))
 
 
-def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0):
+def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0, da=None, da_x=None):
     """out = a · bᵀ (+ bias) + scale · mask ⊙ (c · dᵀ).
 
     a: (M, K), b: (N, K), bias: (N,) or None, c: (M, R) or None, d: (N, R); any strides. c and d are
     rounded to a's dtype for their product.
     mask_seed: a (1,) int64 tensor on the device (read in-kernel: no host sync); when given, the LoRA
     term is multiplied by the keep-mask of an (M, N) tensor.
+    da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: also da += scale · cᵀ · (mask ⊙ da_x)
+    (backward dA, with c = g and da_x = x).
     Returns a new contiguous (M, N) tensor of out_dtype. Runs the persistent TMA kernel where
-    `tma_gemm_available(a, b)` (Hopper) and no mask is given, else the pointer kernel.
+    `tma_gemm_available(a, b)` (Hopper), with dA in its epilogue; elsewhere the pointer kernel, then
+    `lora_grad_a` for dA.
     """
-    if mask_seed is None and tma_gemm_available(a, b):
-        return gemm_lora_tma(a, b, bias, c, d, scale, out_dtype)
+    if tma_gemm_available(a, b):
+        return gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, mask_seed=mask_seed, threshold=threshold,
+                             da=da, da_x=da_x)
+    if da is not None:
+        lora_grad_a(c, da_x, scale, da, mask_seed=mask_seed, threshold=threshold)
     M, K = a.shape
     N = b.shape[0]
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
@@ -471,50 +551,85 @@ def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.stride(1) == 1 and _tma_ready(a) and _tma_ready(b) and (b.shape[0] * a.element_size()) % 16 == 0
 
 
-def _tma_config() -> dict:
-    # (128, 256, 64), 8 warps, 3 stages, halves stored: within 2-6% of cuBLAS with the rank-16 epilogue at
+def _tma_config(masked: bool = False) -> dict:
+    # (128, 256, 64), 8 warps, 3 stages, epilogue in halves: within 2-6% of cuBLAS with the rank-16 epilogue at
     # the four shapes of bench_kernels.py on an H100 (benchmarks/profile_gemm.py; flattening the tile loop
-    # as Triton's persistent tutorial does cost 15-20% with the epilogue's loads).
+    # as Triton's persistent tutorial does cost 15-20% with the epilogue's loads). With a dropout mask the
+    # epilogue runs in quarters: its masked LoRA tile beside the accumulator spills in halves (1.49x vs 1.31x
+    # of cuBLAS at 8192x4096->4096).
     if _INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, SPLIT_STORE=True, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, SPLIT_STORE=True, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPI_SPLIT=2, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=4 if masked else 2, num_warps=8,
+                num_stages=3)
 
 
-def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, config=None):
-    """out = a · bᵀ (+ bias) + (scale · c) · dᵀ through the persistent TMA kernel; the shapes and dtypes
-    of `gemm_lora` (check `tma_gemm_available(a, b)` first). No dropout mask: that stays with `gemm_lora`.
+# The forward's xa inside the TMA GEMM: every column block of tiles recomputes its rows' xa (the extra MMA is
+# ceil(N / BLOCK_N) times that of one xa pass), against one bandwidth-bound pass over x. On an H100, r16 and
+# r64 (benchmarks/RESULTS.md): it pays at 4 and 8 column blocks (8192x4096->1024, 2048^2), not at 16 or 56.
+_DOWN_IN_GEMM_MAX_BLOCKS = 8
+_DOWN_IN_GEMM_MAX_RANK = 64
 
+
+def down_in_gemm(a: torch.Tensor, b: torch.Tensor, r: int) -> bool:
+    """Whether `gemm_lora_tma(a, b, ..., down=A)` (A of rank r) should compute xa instead of a separate pass."""
+    blocks = cdiv(b.shape[0], _tma_config()["BLOCK_N"])
+    return (_rank_pad(r) <= _DOWN_IN_GEMM_MAX_RANK and blocks <= _DOWN_IN_GEMM_MAX_BLOCKS
+            and (a.shape[1] * a.element_size()) % 16 == 0 and tma_gemm_available(a, b))
+
+
+def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
+                  config=None):
+    """out = a · bᵀ (+ bias) + mask ⊙ (c' · dᵀ), c' = round(scale · c), through the persistent TMA kernel; the
+    shapes and dtypes of `gemm_lora` (check `tma_gemm_available(a, b)` first).
+
+    down: (R, K), with c None: c' = round(scale · a · downᵀ) is computed from the GEMM's own a tiles (the
+    forward's xa without its pass over x); returns (out, c') with c' (M, R) of out_dtype.
+    mask_seed, threshold: as `gemm_lora` (the keep-mask of an (M, N) tensor on the LoRA term).
+    da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
+    epilogue loads (backward dA beside dx).
     config: optional dict of the kernel's tile constexprs plus num_warps / num_stages, for benchmarks.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = a.shape
     N = b.shape[0]
-    cfg = dict(config or _tma_config())
+    cfg = dict(config or _tma_config(masked=mask_seed is not None))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     rows_out = b.stride(1) == 1
     b_desc = (TensorDescriptor(b, b.shape, b.stride(), [bn, bk]) if rows_out
               else TensorDescriptor(b.t(), (K, N), (b.stride(1), 1), [bk, bn]))
-    store_n = bn // 2 if cfg["SPLIT_STORE"] else bn
+    a_desc = TensorDescriptor(a, a.shape, a.stride(), [bm, bk])
+    has_down = down is not None
+    if has_down:
+        if c is not None:
+            raise ValueError("gemm_lora_tma: pass c or down, not both")
+        down = down.to(a.dtype).contiguous()
+        c = torch.empty((M, down.shape[0]), device=a.device, dtype=out_dtype)
     has_lora = c is not None
+    if da is not None and not has_lora:
+        raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
     R = c.shape[1] if has_lora else 1
+    r_pad = _rank_pad(R)
+    down_desc = TensorDescriptor(down, down.shape, down.stride(), [r_pad, bk]) if has_down else a_desc
     c_ = c if has_lora else a
     d_ = d if has_lora else a
+    x_ = da_x if da is not None else a
     programs = min(num_sms(a.device, 4), cdiv(M, bm) * cdiv(N, bn))
     launch(
         _gemm_lora_tma_kernel, (programs,),
-        (TensorDescriptor(a, a.shape, a.stride(), [bm, bk]), b_desc,
-         TensorDescriptor(out, out.shape, out.stride(), [bm, store_n]),
-         bias if bias is not None else out, c_, d_,
-         M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), float(scale)),
-        dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, B_ROWS_OUT=rows_out,
-             UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype), R_PAD=_rank_pad(R))
+        (a_desc, b_desc, TensorDescriptor(out, out.shape, out.stride(), [bm, bn // cfg["EPI_SPLIT"]]), down_desc,
+         bias if bias is not None else out, c_, d_, x_, da if da is not None else out,
+         M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), x_.stride(0), x_.stride(1),
+         float(scale), mask_seed if mask_seed is not None else out, threshold),
+        dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=mask_seed is not None,
+             HAS_GRAD_A=da is not None, B_ROWS_OUT=rows_out, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
+             R_PAD=r_pad)
         | cfg | dict(NUM_PROGRAMS=programs),
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out
+    return (out, c) if has_down else out
 
 
 def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_b=None, bias=None):

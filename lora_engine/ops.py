@@ -96,14 +96,20 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 #   "cublas": a Triton kernel writes the LoRA term (with bias, or the dropout mask in backward),
 #             then cuBLAS accumulates x·Wᵀ onto it in place (addmm_, beta=1);
 #   "triton": one Triton GEMM with the LoRA term in its epilogue (y written once): the persistent TMA
-#             kernel on Hopper, a pointer-based kernel elsewhere and for dropout's masked dx term;
+#             kernel on Hopper (which also takes dA in the backward, and xa in the forward where that
+#             pays), a pointer-based kernel elsewhere;
 #   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
-#             multiply-adds) and the term needs no dropout mask, else "cublas". On an H100 the TMA kernel
-#             with the epilogue is within 2-6% of cuBLAS alone, which saves the extra write and read of the
-#             LoRA term; the pointer kernel is 1.1-1.3x slower than cuBLAS (benchmarks/RESULTS.md).
+#             multiply-adds; with a dropout-masked dx term, a K-loop of at least _MASKED_MIN_K), else
+#             "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of
+#             cuBLAS alone, which saves the extra write and read of the LoRA term; the pointer kernel is
+#             1.1-1.3x slower than cuBLAS (benchmarks/RESULTS.md).
 BASE_GEMMS = ("auto", "cublas", "triton")
 _base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "auto")
 _TRITON_MIN_MACS = 1 << 30
+# With a dropout mask on dx's LoRA term the TMA kernel generates the mask in its epilogue, where nothing
+# overlaps it: on an H100 that paid only with a long K-loop to hide behind (dy of 14336 columns: 1.11x of
+# cuBLAS, against 1.15x for the cuBLAS path; at 4096 columns 1.31x against 1.27x).
+_MASKED_MIN_K = 8192
 
 
 def set_base_gemm(name: str) -> None:
@@ -114,14 +120,15 @@ def set_base_gemm(name: str) -> None:
     _base_gemm = name
 
 
-def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool) -> bool:
+def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool = False) -> bool:
     """Whether a · bᵀ (+ the LoRA term, masked by dropout when `masked`) runs as one Triton GEMM."""
     if _base_gemm != "auto":
         return _base_gemm == "triton"
     from lora_engine.kernels import lora_linear as K
 
-    macs = a.shape[0] * a.shape[1] * b.shape[0]
-    return not masked and macs >= _TRITON_MIN_MACS and K.tma_gemm_available(a, b)
+    if masked and a.shape[1] < _MASKED_MIN_K:
+        return False
+    return a.shape[0] * a.shape[1] * b.shape[0] >= _TRITON_MIN_MACS and K.tma_gemm_available(a, b)
 
 
 def kernels_available(x: torch.Tensor) -> bool:
@@ -199,9 +206,13 @@ class LoRALinearFunction(torch.autograd.Function):
         keep_scale = 1.0 / (1.0 - dropout_p) if seed is not None else 1.0
         # scaling is folded into xa (and into g in backward): no separate pass applies it. lora_a and
         # lora_b go to the kernels as they are (fp32 adapters are rounded to x's dtype in-kernel).
-        if _fused_gemm(x2, weight, masked=False):
-            xa = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
-            y = K.gemm_lora(x2, weight, bias, xa, lora_b, 1.0, x.dtype)
+        if _fused_gemm(x2, weight):
+            if seed is None and K.down_in_gemm(x2, weight, lora_a.shape[0]):
+                # xa from the x tiles the GEMM loads (no pass of its own over x); stored for backward.
+                y, xa = K.gemm_lora_tma(x2, weight, bias, None, lora_b, scaling, x.dtype, down=lora_a)
+            else:
+                xa = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
+                y = K.gemm_lora(x2, weight, bias, xa, lora_b, 1.0, x.dtype)
         else:
             # One launch writes xa and the LoRA term y = xa·Bᵀ (+ b); cuBLAS adds x·Wᵀ onto y in place.
             xa, y = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold,
@@ -230,11 +241,11 @@ class LoRALinearFunction(torch.autograd.Function):
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
         if need_x and _fused_gemm(dy2, weight.t(), masked=seed is not None):
-            # dx = dy·W + mask ⊙ (g·A) in one GEMM: W read as (in, out) and A as (in, r) via strides.
-            dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold)
+            # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
+            # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).
+            dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
+                             da=da if need_a else None, da_x=x2)
             dx = dx.reshape(x_shape)
-            if need_a:
-                K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold)
         else:
             # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.
             if need_x:

@@ -168,25 +168,110 @@ def test_tma_gemm_needs_16_byte_rows_and_a_unit_stride():
     assert rel_err(out, x.double() @ w.double().T) <= TOL[torch.float32]
 
 
-def test_auto_fuses_large_unmasked_aligned_gemms(monkeypatch):
-    """"auto" runs one Triton GEMM (the TMA kernel) only without a dropout mask on its LoRA term, at
-    TMA-aligned shapes of at least `_TRITON_MIN_MACS`; the op matches fp64 on that path."""
+@settings(max_examples=10, deadline=None)
+@given(
+    m=st.integers(1, 80),
+    k8=st.integers(2, 12),
+    n8=st.integers(1, 12),
+    r=st.integers(1, 64),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    bias=st.booleans(),
+    rows_out=st.booleans(),
+)
+def test_tma_gemm_computes_xa_from_its_own_tiles(m, k8, n8, r, dtype, bias, rows_out):
+    """With `down`, the TMA GEMM computes xa = round(scale · a·downᵀ) in its K-loop (down fp32, rounded to
+    the operand dtype), returns it, and adds xa·dᵀ to a·bᵀ: both against fp64."""
+    k, n = 8 * k8, 8 * n8
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n + r)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    b = (torch.randn(n, k, generator=g) if rows_out else torch.randn(k, n, generator=g).t()).to(dtype) / math.sqrt(k)
+    down = torch.randn(r, k, generator=g) / math.sqrt(k)
+    d = torch.randn(n, r, generator=g) / math.sqrt(r)
+    bi = torch.randn(n, generator=g).to(dtype) if bias else None
+    out, xa = K.gemm_lora_tma(a, b, bi, None, d, 0.5, dtype, down=down)
+    xa_ref = 0.5 * a.double() @ down.to(dtype).double().T
+    assert xa.shape == (m, r) and xa.dtype == dtype
+    assert rel_err(xa, xa_ref) <= TOL[dtype]
+    ref = a.double() @ b.double().T + xa.double() @ d.to(dtype).double().T + (bi.double() if bias else 0)
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    m=st.integers(1, 80),
+    k8=st.integers(1, 12),
+    n8=st.integers(1, 12),
+    r=st.integers(1, 64),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    p=st.sampled_from([0.0, 0.3]),
+    split=st.sampled_from([1, 2, 4]),
+)
+def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split):
+    """The dx role: dx = dy·W + keep ⊙ (g·A) with the dropout mask applied in the epilogue (in 1, 2 or 4
+    column parts), and dA += gᵀ·(keep ⊙ x) from the x tiles the epilogue loads; both against fp64."""
+    n_out, k = 8 * n8, 8 * k8  # dy (m, n_out), W (n_out, k): dx is (m, k)
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n_out + r)
+    dy = torch.randn(m, n_out, generator=g).to(dtype)
+    w = (torch.randn(n_out, k, generator=g) / math.sqrt(n_out)).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    gr = torch.randn(m, r, generator=g)
+    la = torch.randn(r, k, generator=g) / math.sqrt(k)
+    seed = torch.tensor([99 + m]) if p else None
+    config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split)
+    da = torch.zeros(r, k)
+    dx = K.gemm_lora_tma(dy, w.t(), None, gr, la.t(), 1.0, dtype, mask_seed=seed, threshold=K.dropout_threshold(p),
+                         da=da, da_x=x, config=config)
+    keep = dropout_keep_mask(99 + m, m, k, p).double() if p else torch.ones(m, k, dtype=torch.float64)
+    g_op = gr.to(dtype).double()
+    assert rel_err(dx, dy.double() @ w.double() + keep * (g_op @ la.to(dtype).double())) <= TOL[dtype]
+    assert rel_err(da, g_op.T @ (keep * x.double())) <= TOL[torch.float32]
+
+
+def test_tma_gemm_refuses_conflicting_lora_operands():
+    a, b = torch.randn(16, 32), torch.randn(24, 32)
+    with pytest.raises(ValueError, match="pass c or down, not both"):
+        K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, down=torch.randn(4, 32))
+    with pytest.raises(ValueError, match="da needs the LoRA operands"):
+        K.gemm_lora_tma(a, b, None, None, None, 1.0, a.dtype, da=torch.zeros(4, 24), da_x=torch.randn(16, 24))
+
+
+def test_auto_fuses_large_aligned_gemms(monkeypatch):
+    """"auto" runs one Triton GEMM (the TMA kernel) at TMA-aligned shapes of at least `_TRITON_MIN_MACS`;
+    with a dropout-masked LoRA term only for a K-loop of at least `_MASKED_MIN_K`. On that path the forward
+    computes xa inside the GEMM when there is no dropout mask and `down_in_gemm` says it pays, and the
+    backward takes dA in the dx GEMM's epilogue: no separate xa or dA pass runs. The op matches fp64 on
+    every path."""
     from lora_engine import ops
 
     a, b = torch.randn(64, 32), torch.randn(48, 32)
     set_base_gemm("auto")
+    calls = []
+    for name in ("lora_down", "lora_grad_a"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *args, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*args, **kw))
+    x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
+    assert K.down_in_gemm(x.reshape(-1, 40), w, 8)
+
+    def passes(p):
+        calls.clear()
+        outs, refs = run_both(x, w, bias, la, lb, scaling=2.0, p=p)
+        assert_close(outs, refs, TOL[torch.float32])
+        return list(calls)
+
     try:
-        assert not ops._fused_gemm(a, b, masked=False)  # below the size where the fused GEMM pays
+        assert not ops._fused_gemm(a, b)  # below the size where the fused GEMM pays
         monkeypatch.setattr(ops, "_TRITON_MIN_MACS", 0)
-        assert ops._fused_gemm(a, b, masked=False)
-        assert not ops._fused_gemm(a, b, masked=True)
-        assert not ops._fused_gemm(torch.randn(64, 30), torch.randn(48, 30), masked=False)
-        for p in (0.0, 0.2):
-            x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
-            outs, refs = run_both(x, w, bias, la, lb, scaling=2.0, p=p)
-            assert_close(outs, refs, TOL[torch.float32])
+        assert ops._fused_gemm(a, b) and not ops._fused_gemm(a, b, masked=True)  # a K-loop of 32 < 8192
+        assert not ops._fused_gemm(torch.randn(64, 30), torch.randn(48, 30))
+        assert passes(0.0) == []
+        assert passes(0.2) == ["lora_down", "lora_grad_a"]  # the masked dx term: the cuBLAS path
+        monkeypatch.setattr(ops, "_MASKED_MIN_K", 0)
+        assert ops._fused_gemm(a, b, masked=True)
+        assert passes(0.2) == ["lora_down"]
+        monkeypatch.setattr(K, "_DOWN_IN_GEMM_MAX_BLOCKS", 0)  # xa as its own pass, the GEMM adds xa·Bᵀ
+        assert passes(0.0) == ["lora_down"]
         set_base_gemm("cublas")
-        assert not ops._fused_gemm(a, b, masked=False)
+        assert not ops._fused_gemm(a, b)
         set_base_gemm("triton")
         assert ops._fused_gemm(a, b, masked=True)
     finally:
@@ -282,6 +367,7 @@ def _poison_cache(nbytes=1 << 30):
     "shape",
     [
         ((4096,), 4096, 4096, 16),
+        ((2, 2048), 1024, 1032, 16),  # on Hopper: xa inside the forward GEMM, a column tail
         ((2, 1023), 2049, 1537, 8),
         ((777,), 4095, 14335, 64),
         ((3, 5, 7), 100, 200, 256),
