@@ -5,6 +5,7 @@ import cProfile
 import pstats
 
 import torch
+import torch.nn.functional as F
 from profile_lora import host_us  # benchmarks/ is sys.path[0] when this script runs
 
 from lora_engine.kernels import lora_linear as K
@@ -41,14 +42,29 @@ def main():
             if name == "fwd+bwd":
                 continue
             print(f"host {name:>20}: {host_us(fn):8.1f} us")
-    print(f"host {'fwd+bwd':>20}: {host_us(step):8.1f} us")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(50):
-        step()
-    torch.cuda.synchronize()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    def step_p():
+        x.grad = a.grad = b.grad = None
+        lora_linear(x, w, None, a, b, 2.0, 0.05).backward(dy)
+
+    def peft_style():
+        x.grad = a.grad = b.grad = None
+        (F.linear(x, w) + 2.0 * F.linear(F.linear(x, a), b)).backward(dy)
+
+    def base():
+        x.grad = None
+        F.linear(x, w).backward(dy)
+
+    for name, fn in (("fwd+bwd", step), ("fwd+bwd p=.05", step_p), ("PEFT-style fwd+bwd", peft_style),
+                     ("base fwd+bwd", base)):
+        print(f"host {name:>20}: {host_us(fn):8.1f} us")
+    for fn in (step, step_p):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
