@@ -100,9 +100,9 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 #             pays), a pointer-based kernel elsewhere;
 #   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
 #             multiply-adds; with a dropout-masked dx term, a K-loop of at least _MASKED_MIN_K), else
-#             "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of
-#             cuBLAS alone, which saves the extra write and read of the LoRA term; the pointer kernel is
-#             1.1-1.3x slower than cuBLAS (benchmarks/RESULTS.md).
+#             "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of cuBLAS alone, which
+#             saves the extra write and read of the LoRA term; the pointer kernel is 1.1-1.3x slower than
+#             cuBLAS (benchmarks/RESULTS.md).
 BASE_GEMMS = ("auto", "cublas", "triton")
 _base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "auto")
 _TRITON_MIN_MACS = 1 << 30
