@@ -121,17 +121,13 @@ def test_transposed_view_weight():
     assert_close(outs, refs, TOL[torch.float32])
 
 
+# Shapes of the TMA GEMM tests: any row count, sizes in whole 16-byte rows (8 elements), ranks 1..64.
+TMA_CASES = dict(m=st.integers(1, 80), k8=st.integers(1, 12), n8=st.integers(1, 12), r=st.integers(1, 64),
+                 dtype=st.sampled_from([torch.float32, torch.float16]))
+
+
 @settings(max_examples=10, deadline=None)
-@given(
-    m=st.integers(1, 80),
-    k8=st.integers(1, 12),
-    n8=st.integers(1, 12),
-    r=st.integers(1, 64),
-    dtype=st.sampled_from([torch.float32, torch.float16]),
-    bias=st.booleans(),
-    rows_out=st.booleans(),
-    lora=st.booleans(),
-)
+@given(**TMA_CASES, bias=st.booleans(), rows_out=st.booleans(), lora=st.booleans())
 def test_tma_gemm_matches_fp64(m, k8, n8, r, dtype, bias, rows_out, lora):
     """The persistent TMA GEMM: any row count, sizes in whole 16-byte rows, W as (out, in) or a transposed
     view of (in, out), with and without bias and the LoRA term (d in fp32, rounded to the operand dtype)."""
@@ -169,15 +165,7 @@ def test_tma_gemm_needs_16_byte_rows_and_a_unit_stride():
 
 
 @settings(max_examples=10, deadline=None)
-@given(
-    m=st.integers(1, 80),
-    k8=st.integers(2, 12),
-    n8=st.integers(1, 12),
-    r=st.integers(1, 64),
-    dtype=st.sampled_from([torch.float32, torch.float16]),
-    bias=st.booleans(),
-    rows_out=st.booleans(),
-)
+@given(**TMA_CASES, bias=st.booleans(), rows_out=st.booleans())
 def test_tma_gemm_computes_xa_from_its_own_tiles(m, k8, n8, r, dtype, bias, rows_out):
     """With `down`, the TMA GEMM computes xa = round(scale · a·downᵀ) in its K-loop (down fp32, rounded to
     the operand dtype), returns it, and adds xa·dᵀ to a·bᵀ: both against fp64."""
@@ -197,15 +185,7 @@ def test_tma_gemm_computes_xa_from_its_own_tiles(m, k8, n8, r, dtype, bias, rows
 
 
 @settings(max_examples=10, deadline=None)
-@given(
-    m=st.integers(1, 80),
-    k8=st.integers(1, 12),
-    n8=st.integers(1, 12),
-    r=st.integers(1, 64),
-    dtype=st.sampled_from([torch.float32, torch.float16]),
-    p=st.sampled_from([0.0, 0.3]),
-    split=st.sampled_from([1, 2, 4]),
-)
+@given(**TMA_CASES, p=st.sampled_from([0.0, 0.3]), split=st.sampled_from([1, 2, 4]))
 def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split):
     """The dx role: dx = dy·W + keep ⊙ (g·A) with the dropout mask applied in the epilogue (in 1, 2 or 4
     column parts), and dA += gᵀ·(keep ⊙ x) from the x tiles the epilogue loads; both against fp64."""
