@@ -180,6 +180,50 @@ def part2(shapes):
     return rows
 
 
+# dx with dA in the epilogue, p = 0: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, EPI_SPLIT, programs per SM).
+# Two programs per SM (smaller tiles, two stages) let one program's epilogue overlap the other's K-loop.
+DX_CONFIGS = [
+    (128, 256, 64, 8, 3, 2, 1),
+    (128, 128, 64, 8, 3, 1, 1),
+    (128, 128, 64, 8, 2, 1, 2),
+    (128, 128, 64, 4, 2, 1, 2),
+    (64, 256, 64, 4, 2, 2, 2),
+]
+
+
+def part4_row(m, k, n, r=16) -> str:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
+    a = torch.randn(r, k, device="cuda") / math.sqrt(k)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(m, r, device="cuda", dtype=torch.float32)
+    da = torch.zeros(r, k, device="cuda")
+    base = gpu_ms(lambda: dy @ w)
+    ref = dy.double() @ w.double() + g.to(x.dtype).double() @ a.to(x.dtype).double()
+
+    def dx(cfg):
+        return K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, da=da, da_x=x, config=cfg)
+
+    cells = []
+    for bm, bn, bk, wp, st, split, per_sm in DX_CONFIGS:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EPI_SPLIT=split, num_warps=wp, num_stages=st,
+                   programs_per_sm=per_sm)
+        try:
+            e = rel(dx(cfg), ref)
+            t = gpu_ms(lambda cfg=cfg: dx(cfg))
+            cells.append(f"{t:.3f} ({t / base:.2f}; err {e:.0e})")
+        except triton.runtime.errors.OutOfResources as exc:
+            cells.append(f"out of resources ({str(exc)[:40]})")
+    return f"| {m}x{k}->{n} | {base:.3f} | " + " | ".join(cells) + " |"
+
+
+def part4(shapes):
+    print("\n| shape | dx cuBLAS ms | " + " | ".join(str(c) for c in DX_CONFIGS) + " |")
+    print("|" + " --- |" * (len(DX_CONFIGS) + 2))
+    for m, k, n in shapes:
+        print(part4_row(m, k, n), flush=True)
+
+
 def part3_row(m, k, n, r=16) -> None:
     x, w, a, b, dy = make(m, k, n, r, lora_dtype=torch.float32)
 
@@ -231,6 +275,8 @@ def main():
         part2(shapes)
     if "3" in args.parts:
         part3(shapes)
+    if "4" in args.parts:
+        part4(shapes)
 
 
 if __name__ == "__main__":

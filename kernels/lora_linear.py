@@ -587,7 +587,8 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     mask_seed, threshold: as `gemm_lora` (the keep-mask of an (M, N) tensor on the LoRA term).
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
     epilogue loads (backward dA beside dx).
-    config: optional dict of the kernel's tile constexprs plus num_warps / num_stages, for benchmarks.
+    config: optional dict of the kernel's tile constexprs plus num_warps / num_stages (and programs_per_sm,
+    default 1: persistent programs per SM), for benchmarks.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -595,6 +596,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     N = b.shape[0]
     cfg = dict(config or _tma_config(masked=mask_seed is not None))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    per_sm = cfg.pop("programs_per_sm", 1)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     rows_out = b.stride(1) == 1
@@ -616,7 +618,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     c_ = c if has_lora else a
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
-    programs = min(num_sms(a.device, 4), cdiv(M, bm) * cdiv(N, bn))
+    programs = min(per_sm * num_sms(a.device, 4), cdiv(M, bm) * cdiv(N, bn))
     launch(
         _gemm_lora_tma_kernel, (programs,),
         (a_desc, b_desc, TensorDescriptor(out, out.shape, out.stride(), [bm, bn // cfg["EPI_SPLIT"]]), down_desc,
