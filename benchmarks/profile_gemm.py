@@ -11,6 +11,7 @@ pass then the TMA GEMM adding xa·Bᵀ, and the TMA GEMM computing xa itself; th
 alone (the floor) and, without and with dropout, the earlier paths (TMA GEMM + the dA pass; the masked
 term and dA from one pass, then cuBLAS adds dy·W) against the TMA GEMM with dA in its epilogue.
 Part 3 times lora_linear fwd+bwd and forward with the base GEMM "cublas" and "auto" (the default).
+Part 4 (only with --parts 4) times dx with dA under tile configs with one or two persistent programs per SM.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def part3(shapes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first shape only")
-    ap.add_argument("--parts", default="123", help="which parts to run, e.g. 13 (default: all)")
+    ap.add_argument("--parts", default="123", help="which parts to run, e.g. 13 (default: 123)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
