@@ -156,28 +156,34 @@ def part2_row(m, k, n, r=16) -> dict:
     return row
 
 
-def ratio(row, key, base):
+def ratio(row, key, base) -> str:
+    """`row[key]` in ms and its ratio to `row[base]` (nan where the config did not fit)."""
     v = row.get(key, float("nan"))
-    return f"{v:.3f} ({v / row[base]:.2f}"
+    return f"{v:.3f} ({v / row[base]:.2f})"
+
+
+def print_head(head: list[str]) -> None:
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+
+
+def print_row(cells: list[str]) -> None:
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def part2(shapes):
     rows = [part2_row(m, k, n) for m, k, n in shapes]
-    print("\n| shape | fwd cuBLAS ms | xa pass ms | r16: xa pass + TMA GEMM (×) | r16: TMA GEMM computing xa (×) "
-          "| r64: pass + GEMM (×) | r64: GEMM computing xa (×) |")
-    print("|" + " --- |" * 7)
+    print_head(["shape", "fwd cuBLAS ms", "xa pass ms", "r16: xa pass + TMA GEMM (×)", "r16: TMA GEMM computing xa (×)",
+                "r64: pass + GEMM (×)", "r64: GEMM computing xa (×)"])
     for row in rows:
-        print(f"| {row['shape']} | {row['fwd_base']:.3f} | {row['xa_pass']:.3f} "
-              f"| {ratio(row, 'fwd_pass', 'fwd_base')}) | {ratio(row, 'fwd_down', 'fwd_base')}) "
-              f"| {ratio(row, 'fwd_pass64', 'fwd_base')}) | {ratio(row, 'fwd_down64', 'fwd_base')}) |")
-    print("\n| shape | dx cuBLAS ms | dA pass ms | p=0: TMA GEMM + dA pass (×) | p=0: dA in epilogue, halves (×) "
-          "| quarters (×) | p=.05: masked pass + cuBLAS (×) | p=.05: in epilogue, halves (×) | quarters (×) |")
-    print("|" + " --- |" * 9)
+        print_row([row["shape"], f"{row['fwd_base']:.3f}", f"{row['xa_pass']:.3f}",
+                   *(ratio(row, key, "fwd_base") for key in ("fwd_pass", "fwd_down", "fwd_pass64", "fwd_down64"))])
+    print_head(["shape", "dx cuBLAS ms", "dA pass ms", "p=0: TMA GEMM + dA pass (×)", "p=0: dA in epilogue, halves (×)",
+                "quarters (×)", "p=.05: masked pass + cuBLAS (×)", "p=.05: in epilogue, halves (×)", "quarters (×)"])
     for row in rows:
-        print(f"| {row['shape']} | {row['bwd_base']:.3f} | {row['da_pass']:.3f} | {ratio(row, 'dx_pass', 'bwd_base')}) "
-              f"| {ratio(row, 'dx_fused2', 'bwd_base')}) | {ratio(row, 'dx_fused4', 'bwd_base')}) "
-              f"| {ratio(row, 'dxp_pass', 'bwd_base')}) | {ratio(row, 'dxp_fused2', 'bwd_base')}) "
-              f"| {ratio(row, 'dxp_fused4', 'bwd_base')}) |")
+        print_row([row["shape"], f"{row['bwd_base']:.3f}", f"{row['da_pass']:.3f}",
+                   *(ratio(row, key, "bwd_base")
+                     for key in ("dx_pass", "dx_fused2", "dx_fused4", "dxp_pass", "dxp_fused2", "dxp_fused4"))])
     return rows
 
 
@@ -192,7 +198,7 @@ DX_CONFIGS = [
 ]
 
 
-def part4_row(m, k, n, r=16) -> str:
+def part4_row(m, k, n, r=16) -> None:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
     a = torch.randn(r, k, device="cuda") / math.sqrt(k)
@@ -215,14 +221,13 @@ def part4_row(m, k, n, r=16) -> str:
             cells.append(f"{t:.3f} ({t / base:.2f}; err {e:.0e})")
         except triton.runtime.errors.OutOfResources as exc:
             cells.append(f"out of resources ({str(exc)[:40]})")
-    return f"| {m}x{k}->{n} | {base:.3f} | " + " | ".join(cells) + " |"
+    print_row([f"{m}x{k}->{n}", f"{base:.3f}", *cells])
 
 
 def part4(shapes):
-    print("\n| shape | dx cuBLAS ms | " + " | ".join(str(c) for c in DX_CONFIGS) + " |")
-    print("|" + " --- |" * (len(DX_CONFIGS) + 2))
+    print_head(["shape", "dx cuBLAS ms", *(str(c) for c in DX_CONFIGS)])
     for m, k, n in shapes:
-        print(part4_row(m, k, n), flush=True)
+        part4_row(m, k, n)
 
 
 def part3_row(m, k, n, r=16) -> None:
@@ -250,15 +255,14 @@ def part3_row(m, k, n, r=16) -> None:
             res[mode + "_f"] = gpu_ms(lambda: lora_linear(x, w, None, a, b, 2.0, training=False))
     set_base_gemm("auto")
     res.update(base=base, base_f=base_f)
-    print(f"| {m}x{k}->{n} | {base:.3f} | {ratio(res, 'cublas', 'base')}) | {ratio(res, 'auto', 'base')}) "
-          f"| {ratio(res, 'cublas_p', 'base')}) | {ratio(res, 'auto_p', 'base')}) "
-          f"| {base_f:.3f} | {ratio(res, 'cublas_f', 'base_f')}) | {ratio(res, 'auto_f', 'base_f')}) |", flush=True)
+    steps = [ratio(res, mode, "base") for mode in ("cublas", "auto", "cublas_p", "auto_p")]
+    forwards = [ratio(res, mode, "base_f") for mode in ("cublas_f", "auto_f")]
+    print_row([f"{m}x{k}->{n}", f"{base:.3f}", *steps, f"{base_f:.3f}", *forwards])
 
 
 def part3(shapes):
-    print("\n| shape | base fwd+bwd ms | cuBLAS path (×) | auto (×) | cuBLAS p=.05 (×) | auto p=.05 (×) "
-          "| base fwd ms | cuBLAS fwd (×) | auto fwd (×) |")
-    print("|" + " --- |" * 9)
+    print_head(["shape", "base fwd+bwd ms", "cuBLAS path (×)", "auto (×)", "cuBLAS p=.05 (×)", "auto p=.05 (×)",
+                "base fwd ms", "cuBLAS fwd (×)", "auto fwd (×)"])
     for m, k, n in shapes:
         part3_row(m, k, n)
 
