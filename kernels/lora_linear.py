@@ -545,7 +545,10 @@ def _has_tma(device: torch.device) -> bool:
 
 def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), no empty operand, a
-    with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte multiples."""
+    with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte multiples.
+    False while torch.compile traces: Dynamo cannot trace the data pointers' alignment."""
+    if torch.compiler.is_compiling():
+        return False
     if not (_INTERPRET or _has_tma(a.device)) or a.numel() == 0 or b.numel() == 0:
         return False
     return a.stride(1) == 1 and _tma_ready(a) and _tma_ready(b) and (b.shape[0] * a.element_size()) % 16 == 0

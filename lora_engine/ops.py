@@ -191,6 +191,19 @@ def lora_linear_reference(
     return y + scaling * F.linear(F.linear(xd, lora_a.to(x.dtype)), lora_b.to(x.dtype))
 
 
+def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device) -> tuple:
+    """Zeroed fp32 buffers for the atomically reduced results of backward: g (M, R), dB (N, R), dA (R, K) and
+    dbias (N,) or None. In eager they are views of one workspace (one fill launch). Under torch.compile each is
+    its own tensor: Inductor's handling of Triton kernels that mutate several views of one buffer gave wrong
+    dA and dB (torch 2.11, measured on an H100; tests/test_lora_linear.py checks the compiled gradients)."""
+    if torch.compiler.is_compiling():
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)
+        return zeros(M, R), zeros(N, R), zeros(R, K), (zeros(N) if need_bias else None)
+    ws = torch.zeros(M * R + N * R + R * K + (N if need_bias else 0), device=device, dtype=torch.float32)
+    g, db, da, *dbias = ws.split((M * R, N * R, R * K, N) if need_bias else (M * R, N * R, R * K))
+    return g.view(M, R), db.view(N, R), da.view(R, K), (dbias[0] if need_bias else None)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Fused LoRA linear. Saves x (as given, no copy) and xa = scaling · dropout(x)·Aᵀ of shape
     (M, r); the dropout mask is regenerated in backward from its seed, a (1,) int64 device tensor."""
@@ -233,10 +246,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if dy2.dtype != x2.dtype:
             dy2 = dy2.to(x2.dtype)
         (M, K_in), N, R = x2.shape, dy2.shape[1], a.shape[0]
-        # One zeroed fp32 workspace for every atomically reduced result: g, dB, dA, dbias.
-        ws = torch.zeros(M * R + N * R + R * K_in + (N if need_bias else 0), device=dy.device, dtype=torch.float32)
-        g, db, da, *dbias = ws.split((M * R, N * R, R * K_in, N) if need_bias else (M * R, N * R, R * K_in))
-        g, db, da, dbias = g.view(M, R), db.view(N, R), da.view(R, K_in), (dbias[0] if need_bias else None)
+        g, db, da, dbias = _grad_buffers(M, N, R, K_in, need_bias, dy.device)
         # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
