@@ -35,6 +35,9 @@ def main():
             "lora_grad_a + dx": lambda: K.lora_grad_a(g, x, 1.0, torch.zeros(r, k, device="cuda"), lora_a=a,
                                                       dx=torch.empty(m, k, device="cuda", dtype=x.dtype)),
             "lora_grad_a": lambda: K.lora_grad_a(g, x, 1.0, torch.zeros(r, k, device="cuda")),
+            "gemm_lora_tma fwd, xa": lambda: K.gemm_lora_tma(x, w, None, None, b, 2.0, x.dtype, down=a),
+            "gemm_lora dx + dA": lambda: K.gemm_lora(dy, w.t(), None, g, a.t(), 1.0, x.dtype,
+                                                     da=torch.zeros(r, k, device="cuda"), da_x=x),
             "num_sms": lambda: K.num_sms(x.device, 4),
         }
         for name, fn in pieces.items():
@@ -52,9 +55,17 @@ def main():
         x.grad = None
         F.linear(x, w).backward(dy)
 
+    def fwd():
+        with torch.no_grad():
+            lora_linear(x, w, None, a, b, 2.0, 0.0, training=False)
+
+    def peft_fwd():
+        with torch.no_grad():
+            F.linear(x, w) + 2.0 * F.linear(F.linear(x, a), b)
+
     for name, fn in (("fwd+bwd", step), ("fwd+bwd p=.05", step_p), ("PEFT-style fwd+bwd", peft_style),
-                     ("base fwd+bwd", base)):
-        print(f"host {name:>20}: {host_us(fn):8.1f} us")
+                     ("base fwd+bwd", base), ("fwd", fwd), ("PEFT-style fwd", peft_fwd)):
+        print(f"host {name:>20}: {host_us(fn, 200):8.1f} us")
     for fn in (step, step_p):
         prof = cProfile.Profile()
         prof.enable()
