@@ -71,10 +71,11 @@ def main():
              "fwd": fwd, "PEFT-style fwd": peft_fwd}
     rounds = [{name: host_us(fn, 100) for name, fn in cases.items()} for _ in range(7)]
     for name in cases:
-        us = sorted(r[name] for r in rounds)
+        us = [r[name] for r in rounds]
         peft = "PEFT-style fwd" if name in ("fwd", "PEFT-style fwd") else "PEFT-style fwd+bwd"
         ratio = statistics.median(r[name] / r[peft] for r in rounds)
-        print(f"host {name:>20}: min {us[0]:7.1f} us, median {us[3]:7.1f} us, {ratio:.2f}x PEFT-style (per round)")
+        print(f"host {name:>20}: min {min(us):7.1f} us, median {statistics.median(us):7.1f} us, "
+              f"{ratio:.2f}x PEFT-style (per round)")
     for fn in (step, step_p):
         prof = cProfile.Profile()
         prof.enable()
