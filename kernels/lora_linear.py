@@ -611,6 +611,8 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
         if c is not None:
             raise ValueError("gemm_lora_tma: pass c or down, not both")
         down = down.to(a.dtype).contiguous()
+        if down.stride(0) != down.shape[1]:  # one row: "contiguous" whatever its row stride, which TMA reads
+            down = down.as_strided(down.shape, (down.shape[1], 1))
         c = torch.empty((M, down.shape[0]), device=a.device, dtype=out_dtype)
     has_lora = c is not None
     if da is not None and not has_lora:

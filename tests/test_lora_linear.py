@@ -112,6 +112,16 @@ def test_non_contiguous_x(base_gemm):
         assert_close(outs, refs, TOL[torch.float32])
 
 
+def test_rank_1_adapters_of_any_strides(base_gemm):
+    """Rank-1 adapters built as transposed views: lora_a (1, k) of strides (1, 1), lora_b (n, 1) of strides (1, n)."""
+    x, w, b, _, _ = make_inputs((40,), 64, 48, 1, torch.float32)
+    a = (torch.randn(64, 1) / 8).t().requires_grad_()
+    bb = torch.randn(1, 48).t().requires_grad_()
+    assert a.stride() == (1, 1) and bb.stride() == (1, 48)
+    outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=0.0)
+    assert_close(outs, refs, TOL[torch.float32])
+
+
 def test_transposed_view_weight():
     """A GPT-2 Conv1D keeps its weight as (in, out): the op takes `weight.t()` without a copy."""
     x, w, b, a, bb = make_inputs((13,), 20, 28, 4, torch.float32)
