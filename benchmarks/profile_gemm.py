@@ -12,6 +12,8 @@ alone (the floor) and, without and with dropout, the earlier paths (TMA GEMM + t
 term and dA from one pass, then cuBLAS adds dy·W) against the TMA GEMM with dA in its epilogue.
 Part 3 times lora_linear fwd+bwd and forward with the base GEMM "cublas" and "auto" (the default).
 Part 4 (only with --parts 4) times dx with dA under tile configs with one or two persistent programs per SM.
+Part 5 (only with --parts 5) checks against fp64 and times the forward's xa computed inside the TMA GEMM once
+per unit of CHUNK_N column blocks, against the separate pass (`lora_down`) and one computation per tile.
 """
 
 from __future__ import annotations
@@ -267,6 +269,63 @@ def part3(shapes):
         part3_row(m, k, n)
 
 
+def check_units() -> float:
+    """The forward with xa computed in the TMA GEMM in units of 1, 2, 3 column blocks and the default, against
+    fp64 (bf16 and fp16, odd sizes)."""
+    worst = 0.0
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16):
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        for m, k, n, r in [(1000, 520, 1800, 7), (4104, 4096, 1032, 64), (333, 1032, 2056, 1), (2048, 2048, 2048, 16),
+                           (8200, 4096, 4104, 16)]:
+            rnd = lambda *shape, dt=dtype: torch.randn(*shape, device="cuda", dtype=dt, generator=gen)
+            x, w = rnd(m, k), rnd(n, k) / math.sqrt(k)
+            a, b = rnd(r, k, dt=torch.float32) / math.sqrt(k), rnd(n, r, dt=torch.float32) / math.sqrt(r)
+            for chunk in (1, 2, 3, None):
+                cfg = None if chunk is None else K._tma_config() | dict(CHUNK_N=chunk)
+                out, xa = K.gemm_lora_tma(x, w, None, None, b, 2.0, dtype, down=a, config=cfg)
+                xa_ref = 2.0 * x.double() @ a.to(dtype).double().T
+                ref = x.double() @ w.double().T + xa.double() @ b.to(dtype).double().T
+                for name, o, rf in (("xa", xa, xa_ref), ("y", out, ref)):
+                    e = rel(o, rf)
+                    assert o.isfinite().all() and e <= tol, (name, dtype, m, k, n, r, chunk, e)
+                    worst = max(worst, e)
+    return worst
+
+
+def part5_row(m, k, n, r=16) -> None:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
+    a = (torch.randn(r, k, device="cuda") / math.sqrt(k)).to(x.dtype)
+    b = (torch.randn(n, r, device="cuda") / math.sqrt(r)).to(x.dtype)
+    cfg = K._tma_config()
+    num_m, num_n = math.ceil(m / cfg["BLOCK_M"]), math.ceil(n / cfg["BLOCK_N"])
+    auto = K._down_chunk(num_m, num_n, K.num_sms(x.device, 4))
+
+    def fwd_pass():
+        xa = K.lora_down(x, a, 2.0, x.dtype)
+        K.gemm_lora_tma(x, w, None, xa, b, 1.0, x.dtype)
+
+    def fwd_units(chunk):
+        c = cfg | dict(CHUNK_N=chunk)
+        return lambda: K.gemm_lora_tma(x, w, None, None, b, 2.0, x.dtype, down=a, config=c)
+
+    base = gpu_ms(lambda: F.linear(x, w))
+    fwd = {"xa pass + GEMM": gpu_ms(fwd_pass)}
+    for chunk in sorted({1, 2, 4, 7, 8, 14, auto}):
+        if num_n % chunk == 0:
+            fwd[f"units of {chunk}" + (" (auto)" if chunk == auto else "")] = gpu_ms(fwd_units(chunk))
+    print(f"{m}x{k}->{n} r{r}: forward, x cuBLAS {base:.3f} ms: "
+          + "; ".join(f"{name} {t:.3f} ({t / base:.3f})" for name, t in fwd.items()), flush=True)
+
+
+def part5(shapes):
+    print(f"check vs fp64, units (bf16, fp16): worst rel err {check_units():.2e}", flush=True)
+    for m, k, n in shapes:
+        part5_row(m, k, n)
+    part5_row(8192, 4096, 4096, r=64)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first shape only")
@@ -282,6 +341,8 @@ def main():
         part3(shapes)
     if "4" in args.parts:
         part4(shapes)
+    if "5" in args.parts:
+        part5(shapes)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,84 @@ def _tma_epilogue_part(
 
 
 @triton.jit
+def _tma_mainloop(
+    a_desc, b_desc, down_desc, pid_m, pid_n, K,
+    WITH_DOWN: tl.constexpr, B_ROWS_OUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The K-loop of one output tile: acc = a[rows] · b[cols]ᵀ (fp32), and with WITH_DOWN also
+    xa = a[rows] · down[:, K]ᵀ from the same a tiles."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+        if B_ROWS_OUT:
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T
+        else:
+            b = b_desc.load([ki * BLOCK_K, pid_n * BLOCK_N])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if WITH_DOWN:
+            xa = tl.dot(a, down_desc.load([0, ki * BLOCK_K]).to(a.dtype).T, xa, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc, xa
+
+
+@triton.jit
+def _tma_tile_epilogue(
+    acc, c_op, pid_m, pid_n, out_desc, M, N, R,
+    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr,
+):
+    """Add the unmasked LoRA term c_op · d[cols]ᵀ to the tile's accumulator, then finish and store the tile
+    in EPI_SPLIT column parts (`_tma_epilogue_part`)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    if HAS_LORA:
+        if not HAS_DROPOUT:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
+                         mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0.0)
+            acc = tl.dot(c_op, dt.to(c_op.dtype), acc, input_precision=PRECISION)
+    row0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    if EPI_SPLIT == 1:
+        _tma_epilogue_part(acc, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N)
+    elif EPI_SPLIT == 2:
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _tma_epilogue_part(lo, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
+        _tma_epilogue_part(hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr,
+                           stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
+                           HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
+    else:
+        # Quarters: column n = i·BLOCK_N/2 + j·BLOCK_N/4 + k; split over i, then over j.
+        q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 2, 1))
+        h0, h1 = tl.split(q)
+        q0, q1 = tl.split(h0)
+        q2, q3 = tl.split(h1)
+        _tma_epilogue_part(q0, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+        _tma_epilogue_part(q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
+                           stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+        _tma_epilogue_part(q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
+                           stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
+                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+        _tma_epilogue_part(q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, M, N, R, bias_ptr, d_ptr,
+                           stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
+                           HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+
+
+@triton.jit
 def _gemm_lora_tma_kernel(
     a_desc, b_desc, out_desc, down_desc, bias_ptr, c_ptr, d_ptr, x_ptr, da_ptr,
     M, N, K, R,
@@ -200,46 +278,36 @@ def _gemm_lora_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DOWN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_GRAD_A: tl.constexpr, B_ROWS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr, CHUNK_N: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
     """out[M, N] = a[M, K] · bᵀ (+ bias[N]) + mask ⊙ (c' · d[N, R]ᵀ) with c' = round(scale · c[M, R]):
     persistent, with a, b, out (and down) moved by TMA descriptors. b is (N, K) when B_ROWS_OUT, else (K, N).
 
-    HAS_DOWN (forward): c is computed, c' = round(scale · a · down[R, K]ᵀ) from the a tiles the K-loop loads,
-    and the tiles of the first column block store it to c_ptr (M, R).
+    HAS_DOWN (forward): c is computed, c' = round(scale · a · down[R, K]ᵀ) (xa), from the a tiles the K-loop
+    loads, and the first column block stores it to c_ptr (M, R). The tiles are walked in units of CHUNK_N
+    consecutive column blocks of one row block: c is computed in a unit's first tile and reused by the others
+    (ceil(N / BLOCK_N) / CHUNK_N computations per row block instead of one per tile).
     HAS_DROPOUT (backward dx): the LoRA term is multiplied by the keep-mask of an (M, N) tensor.
     HAS_GRAD_A (backward dx): da[R, N] (fp32) += c'ᵀ · (mask ⊙ x[M, N]), from x tiles loaded in the epilogue:
     the dA pass over x rides on the dx GEMM.
-    Each of NUM_PROGRAMS programs walks the tiles pid, pid + NUM_PROGRAMS, ... in grouped order. An unmasked
+    Each of NUM_PROGRAMS programs walks the units pid, pid + NUM_PROGRAMS, ... in grouped order. An unmasked
     LoRA product accumulates into the GEMM's own accumulator; the epilogue then runs in EPI_SPLIT column parts.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_chunks = tl.cdiv(num_n, CHUNK_N)
     op_dtype = tl.float32 if UPCAST else a_desc.dtype
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_DOWN:
-            xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            if B_ROWS_OUT:
-                b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T
-            else:
-                b = b_desc.load([ki * BLOCK_K, pid_n * BLOCK_N])
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if HAS_DOWN:
-                xa = tl.dot(a, down_desc.load([0, ki * BLOCK_K]).to(a.dtype).T, xa, input_precision=PRECISION)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    for unit in range(tl.program_id(0), num_m * num_chunks, NUM_PROGRAMS):
+        pid_m, chunk = _tile_coords(unit, num_m, num_chunks, GROUP_M)
+        pid_n = chunk * CHUNK_N
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_r = tl.arange(0, R_PAD)
-        mask_r = offs_r < R
+        acc, xa = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, HAS_DOWN, B_ROWS_OUT, UPCAST,
+                                PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
         c_op = tl.zeros((BLOCK_M, R_PAD), dtype=op_dtype)
         if HAS_DOWN:
             c_st = (xa * scale).to(c_ptr.dtype.element_ty)
@@ -251,44 +319,17 @@ def _gemm_lora_tma_kernel(
             c = tl.load(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr,
                         mask=(offs_m < M)[:, None] & mask_r[None, :], other=0.0)
             c_op = (c.to(tl.float32) * scale).to(op_dtype)
-        if HAS_LORA:
-            if not HAS_DROPOUT:
-                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
-                             mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
-                acc = tl.dot(c_op, dt.to(op_dtype), acc, input_precision=PRECISION)
-        row0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        if EPI_SPLIT == 1:
-            _tma_epilogue_part(acc, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N)
-        elif EPI_SPLIT == 2:
-            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _tma_epilogue_part(lo, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
-            _tma_epilogue_part(hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr,
-                               stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
-                               HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
-        else:
-            # Quarters: column n = i·BLOCK_N/2 + j·BLOCK_N/4 + k; split over i, then over j.
-            q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 2, 1))
-            h0, h1 = tl.split(q)
-            q0, q1 = tl.split(h0)
-            q2, q3 = tl.split(h1)
-            _tma_epilogue_part(q0, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
-            _tma_epilogue_part(q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
-                               stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
-            _tma_epilogue_part(q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
-                               stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
-            _tma_epilogue_part(q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, M, N, R, bias_ptr, d_ptr,
-                               stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
-                               HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+        _tma_tile_epilogue(acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT,
+                           HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT)
+        if CHUNK_N > 1:
+            for j in range(1, min(CHUNK_N, num_n - pid_n)):
+                acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n + j, K, False, B_ROWS_OUT, UPCAST,
+                                       PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
+                _tma_tile_epilogue(acc, c_op, pid_m, pid_n + j, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn,
+                                   stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
+                                   HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N,
+                                   EPI_SPLIT)
 
 
 _gemm_lora_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "R_PAD"])(
@@ -566,18 +607,34 @@ def _tma_config(masked: bool = False) -> dict:
                 num_stages=3)
 
 
-# The forward's xa inside the TMA GEMM: every column block of tiles recomputes its rows' xa (the extra MMA is
-# ceil(N / BLOCK_N) times that of one xa pass), against one bandwidth-bound pass over x. On an H100, r16 and
-# r64 (benchmarks/RESULTS.md): it pays at 4 and 8 column blocks (8192x4096->1024, 2048^2), not at 16 or 56.
-_DOWN_IN_GEMM_MAX_BLOCKS = 8
+# The forward's xa inside the TMA GEMM: computed once per unit of `_down_chunk` consecutive column blocks of a row
+# block, its extra MMA is (column blocks / chunk) times that of one bandwidth-bound pass over x. On an H100, r16
+# and r64, one computation per tile paid at 4 and 8 column blocks (8192x4096->1024, 2048^2), not at 16 or 56; in
+# units (8 at ->4096, 7 at ->14336) it pays at all four shapes of bench_kernels.py (benchmarks/RESULTS.md).
+_DOWN_IN_GEMM_MAX_BLOCKS = 8  # computations per row block
 _DOWN_IN_GEMM_MAX_RANK = 64
+_DOWN_MAX_CHUNK = 8
+
+
+@functools.cache
+def _down_chunk(num_m: int, num_n: int, programs: int) -> int:
+    """Column blocks per unit of the TMA GEMM with a down-projection: the largest divisor of num_n (at most
+    _DOWN_MAX_CHUNK) whose units leave no program more tiles than walking tile by tile would."""
+    per_program = cdiv(num_m * num_n, programs)
+    return max(c for c in range(1, min(num_n, _DOWN_MAX_CHUNK) + 1)
+               if num_n % c == 0 and cdiv(num_m * (num_n // c), programs) * c <= per_program)
 
 
 def down_in_gemm(a: torch.Tensor, b: torch.Tensor, r: int) -> bool:
-    """Whether `gemm_lora_tma(a, b, ..., down=A)` (A of rank r) should compute xa instead of a separate pass."""
-    blocks = cdiv(b.shape[0], _tma_config()["BLOCK_N"])
-    return (_rank_pad(r) <= _DOWN_IN_GEMM_MAX_RANK and blocks <= _DOWN_IN_GEMM_MAX_BLOCKS
-            and (a.shape[1] * a.element_size()) % 16 == 0 and tma_gemm_available(a, b))
+    """Whether `gemm_lora_tma(a, b, ..., down=A)` (A of rank r) should compute xa itself instead of a separate
+    pass over a."""
+    if not (_rank_pad(r) <= _DOWN_IN_GEMM_MAX_RANK and (a.shape[1] * a.element_size()) % 16 == 0
+            and tma_gemm_available(a, b)):
+        return False
+    cfg = _tma_config()
+    num_n = cdiv(b.shape[0], cfg["BLOCK_N"])
+    chunk = _down_chunk(cdiv(a.shape[0], cfg["BLOCK_M"]), num_n, num_sms(a.device, 4))
+    return num_n // chunk <= _DOWN_IN_GEMM_MAX_BLOCKS
 
 
 def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
@@ -591,7 +648,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
     epilogue loads (backward dA beside dx).
     config: optional dict of the kernel's tile constexprs plus num_warps / num_stages (and programs_per_sm,
-    default 1: persistent programs per SM), for benchmarks.
+    default 1: persistent programs per SM; CHUNK_N, default `_down_chunk`'s), for benchmarks.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -617,13 +674,15 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     has_lora = c is not None
     if da is not None and not has_lora:
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
-    R = c.shape[1] if has_lora else 1
+    R = down.shape[0] if has_down else (c.shape[1] if has_lora else 1)
     r_pad = _rank_pad(R)
     down_desc = TensorDescriptor(down, down.shape, down.stride(), [r_pad, bk]) if has_down else a_desc
     c_ = c if has_lora else a
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
-    programs = min(per_sm * num_sms(a.device, 4), cdiv(M, bm) * cdiv(N, bn))
+    num_m, num_n = cdiv(M, bm), cdiv(N, bn)
+    chunk = cfg.pop("CHUNK_N", _down_chunk(num_m, num_n, per_sm * num_sms(a.device, 4)) if has_down else 1)
+    programs = min(per_sm * num_sms(a.device, 4), num_m * cdiv(num_n, chunk))
     launch(
         _gemm_lora_tma_kernel, (programs,),
         (a_desc, b_desc, TensorDescriptor(out, out.shape, out.stride(), [bm, bn // cfg["EPI_SPLIT"]]), down_desc,
@@ -633,7 +692,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
         dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=mask_seed is not None,
              HAS_GRAD_A=da is not None, B_ROWS_OUT=rows_out, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
              R_PAD=r_pad)
-        | cfg | dict(NUM_PROGRAMS=programs),
+        | cfg | dict(CHUNK_N=chunk, NUM_PROGRAMS=programs),
         num_warps=num_warps, num_stages=num_stages,
     )
     return (out, c) if has_down else out

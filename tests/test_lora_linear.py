@@ -217,6 +217,24 @@ def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r
     assert rel_err(da, g_op.T @ (keep * x.double())) <= TOL[torch.float32]
 
 
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 100), k8=st.integers(1, 12), n8=st.integers(1, 24), r=st.integers(1, 40),
+       dtype=st.sampled_from([torch.float32, torch.float16]), chunk=st.integers(1, 4))
+def test_tma_gemm_reuses_xa_across_a_unit_of_column_blocks(m, k8, n8, r, dtype, chunk):
+    """Walked in units of `chunk` column blocks (the last unit of a row may be shorter), the forward computes
+    xa once per unit and every tile of the unit adds xa·dᵀ; xa is stored once per row block."""
+    k, n = 8 * k8, 8 * n8
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n + r)
+    a = torch.randn(m, k, generator=g).to(dtype)
+    b = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype)
+    down = torch.randn(r, k, generator=g) / math.sqrt(k)
+    d = torch.randn(n, r, generator=g) / math.sqrt(r)
+    config = K._tma_config() | dict(BLOCK_N=16, CHUNK_N=chunk)
+    out, xa = K.gemm_lora_tma(a, b, None, None, d, 2.0, dtype, down=down, config=config)
+    assert rel_err(xa, 2.0 * a.double() @ down.to(dtype).double().T) <= TOL[dtype]
+    assert rel_err(out, a.double() @ b.double().T + xa.double() @ d.to(dtype).double().T) <= TOL[dtype]
+
+
 def test_tma_gemm_refuses_conflicting_lora_operands():
     a, b = torch.randn(16, 32), torch.randn(24, 32)
     with pytest.raises(ValueError, match="pass c or down, not both"):
@@ -229,14 +247,13 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
     """"auto" runs one Triton GEMM (the TMA kernel) at TMA-aligned shapes of at least `_TRITON_MIN_MACS`;
     with a dropout-masked LoRA term only for a K-loop of at least `_MASKED_MIN_K`. On that path the forward
     computes xa inside the GEMM when there is no dropout mask and `down_in_gemm` says it pays, and the
-    backward takes dA in the dx GEMM's epilogue: no separate xa or dA pass runs. The op matches fp64 on
-    every path."""
+    backward takes dA in the dx GEMM's epilogue: no separate xa or dA pass runs. The op matches fp64 on every path."""
     from lora_engine import ops
 
     a, b = torch.randn(64, 32), torch.randn(48, 32)
     set_base_gemm("auto")
     calls = []
-    for name in ("lora_down", "lora_grad_a"):
+    for name in ("lora_down", "lora_dy", "lora_grad_a"):
         fn = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *args, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*args, **kw))
     x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
@@ -253,13 +270,13 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
         monkeypatch.setattr(ops, "_TRITON_MIN_MACS", 0)
         assert ops._fused_gemm(a, b) and not ops._fused_gemm(a, b, masked=True)  # a K-loop of 32 < 8192
         assert not ops._fused_gemm(torch.randn(64, 30), torch.randn(48, 30))
-        assert passes(0.0) == []
-        assert passes(0.2) == ["lora_down", "lora_grad_a"]  # the masked dx term: the cuBLAS path
+        assert passes(0.0) == ["lora_dy"]
+        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a"]  # the masked dx term: the cuBLAS path
         monkeypatch.setattr(ops, "_MASKED_MIN_K", 0)
         assert ops._fused_gemm(a, b, masked=True)
-        assert passes(0.2) == ["lora_down"]
+        assert passes(0.2) == ["lora_down", "lora_dy"]
         monkeypatch.setattr(K, "_DOWN_IN_GEMM_MAX_BLOCKS", 0)  # xa as its own pass, the GEMM adds xa·Bᵀ
-        assert passes(0.0) == ["lora_down"]
+        assert passes(0.0) == ["lora_down", "lora_dy"]
         set_base_gemm("cublas")
         assert not ops._fused_gemm(a, b)
         set_base_gemm("triton")
