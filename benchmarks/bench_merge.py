@@ -1,4 +1,4 @@
-"""Merge benchmark: `merge_lora_` (kernels/merge.py) against PEFT's `LoraLayer.merge`, bf16 weights.
+"""Merge benchmark: `merge_lora_` (lora_engine/kernels/merge.py) against PEFT's `LoraLayer.merge`, bf16 weights.
 
 For each weight shape (out × in) and rank r: the median time of one merge (W += s · B A) through
 `triton.testing.do_bench`, and the max abs error of each merged bf16 weight against the merge

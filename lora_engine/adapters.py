@@ -6,7 +6,7 @@ keys, `base_model.model.<module path>.lora_A.weight` (r, in) / `.lora_B.weight` 
 `PeftModel.from_pretrained` (and vLLM and others) load what `save_adapter` writes, and
 `load_adapter` loads what PEFT writes. Files are written to a temporary name, then renamed.
 
-Merging uses `kernels/merge.py`: W += scaling · B A in place, fp32 accumulation, one rounding;
+Merging uses `lora_engine/kernels/merge.py`: W += scaling · B A in place, fp32 accumulation, one rounding;
 `unpatch_model(model, merge=True)` exports the merged model as plain transformers modules.
 Import note: `load_adapter` patches the model, so this module imports `lora_engine.patch` (never
 the other way round).

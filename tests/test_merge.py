@@ -1,4 +1,4 @@
-"""merge_lora_ (kernels/merge.py) against an fp64 reference, and merge/unmerge/export of models.
+"""merge_lora_ (lora_engine/kernels/merge.py) against an fp64 reference, and merge/unmerge/export of models.
 
 Tolerances: a merge must land within one rounding of W's dtype of the fp64 result: half an ulp,
 plus the fp32 arithmetic before the store ((r + 2)·2⁻²⁴·|scale|·Σ|B||A| for the r-term product,
