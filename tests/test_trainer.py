@@ -10,6 +10,7 @@ against them in the kernel tests); all others run the interpreted kernels.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -327,10 +328,22 @@ def test_ctrl_c_in_the_step_before_an_eval_keeps_that_eval(tmp_path, tiny, monke
 
 
 def _same_rows(a: list[dict], b: list[dict]) -> bool:
-    """Same rows, same losses and eval metrics bit for bit (timings and memory may differ)."""
+    """Same rows: the same keys, steps, epochs and learning rates exactly, losses and other metrics to a relative
+    1e-5 (timings and memory may differ). Not bit for bit: with torch 2.13 (CPU) and transformers 5.25 the first
+    LoRA step after a resume computed gradients an ulp away from the uninterrupted run's, from the same parameters,
+    batch and loss, with the kernels and with the plain-torch fallback alike; a wrong seed, batch or optimizer state
+    moves the losses by far more."""
     timing = {"tokens_per_s", "peak_mem_mb"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(a) == strip(b)
+    a, b = strip(a), strip(b)
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b):
+        for key, va in ra.items():
+            vb = rb[key]
+            if key in ("step", "epoch", "lr") or not isinstance(va, float):
+                assert va == vb, (ra["step"], key, va, vb)
+            else:
+                assert math.isclose(va, vb, rel_tol=1e-5), (ra["step"], key, va, vb)
     return True
 
 
