@@ -674,15 +674,15 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     has_lora = c is not None
     if da is not None and not has_lora:
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
-    R = down.shape[0] if has_down else (c.shape[1] if has_lora else 1)
+    R = c.shape[1] if has_lora else 1
     r_pad = _rank_pad(R)
     down_desc = TensorDescriptor(down, down.shape, down.stride(), [r_pad, bk]) if has_down else a_desc
     c_ = c if has_lora else a
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
-    num_m, num_n = cdiv(M, bm), cdiv(N, bn)
-    chunk = cfg.pop("CHUNK_N", _down_chunk(num_m, num_n, per_sm * num_sms(a.device, 4)) if has_down else 1)
-    programs = min(per_sm * num_sms(a.device, 4), num_m * cdiv(num_n, chunk))
+    num_m, num_n, resident = cdiv(M, bm), cdiv(N, bn), per_sm * num_sms(a.device, 4)
+    chunk = cfg.pop("CHUNK_N", _down_chunk(num_m, num_n, resident) if has_down else 1)
+    programs = min(resident, num_m * cdiv(num_n, chunk))
     launch(
         _gemm_lora_tma_kernel, (programs,),
         (a_desc, b_desc, TensorDescriptor(out, out.shape, out.stride(), [bm, bn // cfg["EPI_SPLIT"]]), down_desc,
