@@ -120,15 +120,20 @@ def set_base_gemm(name: str) -> None:
     _base_gemm = name
 
 
-def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool = False) -> bool:
-    """Whether a · bᵀ (+ the LoRA term, masked by dropout when `masked`) runs as one Triton GEMM."""
-    if _base_gemm != "auto":
-        return _base_gemm == "triton"
+def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool = False) -> str | None:
+    """How a · bᵀ (+ the LoRA term, masked by dropout when `masked`) runs: "tma" (the persistent TMA kernel),
+    "pointer" (the pointer-based fused kernel) or None (the cuBLAS path)."""
     from lora_engine.kernels import lora_linear as K
 
+    if _base_gemm == "cublas":
+        return None
+    if _base_gemm == "triton":
+        return "tma" if K.tma_gemm_available(a, b) else "pointer"
     if masked and a.shape[1] < _MASKED_MIN_K:
-        return False
-    return a.shape[0] * a.shape[1] * b.shape[0] >= _TRITON_MIN_MACS and K.tma_gemm_available(a, b)
+        return None
+    if a.shape[0] * a.shape[1] * b.shape[0] >= _TRITON_MIN_MACS and K.tma_gemm_available(a, b):
+        return "tma"
+    return None
 
 
 def kernels_available(x: torch.Tensor) -> bool:
@@ -192,16 +197,46 @@ def lora_linear_reference(
 
 
 def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device) -> tuple:
-    """Zeroed fp32 buffers for the atomically reduced results of backward: g (M, R), dB (N, R), dA (R, K) and
-    dbias (N,) or None. In eager they are views of one workspace (one fill launch). Under torch.compile each is
-    its own tensor: Inductor's handling of Triton kernels that mutate several views of one buffer gave wrong
-    dA and dB (torch 2.11, measured on an H100; tests/test_lora_linear.py checks the compiled gradients)."""
+    """Zeroed fp32 buffers for the atomically reduced results of backward: g (M, R), dB (N, R), dA (R, K),
+    dbias (N,) or None, and dB and dA as one flat tensor (or None). In eager they are views of one workspace
+    (one fill launch; dB and dA adjacent, so one cast converts both). Under torch.compile each is its own
+    tensor: Inductor's handling of Triton kernels that mutate several views of one buffer gave wrong dA and dB
+    (torch 2.11, measured on an H100; tests/test_lora_linear.py checks the compiled gradients)."""
     if torch.compiler.is_compiling():
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)
-        return zeros(M, R), zeros(N, R), zeros(R, K), (zeros(N) if need_bias else None)
+        return zeros(M, R), zeros(N, R), zeros(R, K), (zeros(N) if need_bias else None), None
     ws = torch.zeros(M * R + N * R + R * K + (N if need_bias else 0), device=device, dtype=torch.float32)
-    g, db, da, *dbias = ws.split((M * R, N * R, R * K, N) if need_bias else (M * R, N * R, R * K))
-    return g.view(M, R), db.view(N, R), da.view(R, K), (dbias[0] if need_bias else None)
+    g, db_da, *dbias = ws.split((M * R, N * R + R * K, N) if need_bias else (M * R, N * R + R * K))
+    db, da = db_da.split((N * R, R * K))
+    return g.view(M, R), db.view(N, R), da.view(R, K), (dbias[0] if need_bias else None), db_da
+
+
+def _dropout_args(dropout_p: float, seed) -> tuple[float, int]:
+    """(1 / (1 - p), the kernels' integer keep threshold) with a dropout seed; (1.0, 0) without one."""
+    from lora_engine.kernels.lora_linear import dropout_threshold
+
+    return (1.0 / (1.0 - dropout_p), dropout_threshold(dropout_p)) if seed is not None else (1.0, 0)
+
+
+def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
+    """y = x2·Wᵀ + b + xa·Bᵀ and xa = scale · (mask ⊙ x2)·Aᵀ (M, r), through the kernels; x2 is (M, in)."""
+    from lora_engine.kernels import lora_linear as K
+
+    # scale (scaling · 1/(1-p)) is folded into xa (and into g in backward): no separate pass applies it. lora_a
+    # and lora_b go to the kernels as they are (fp32 adapters are rounded to x's dtype in-kernel).
+    path = _fused_gemm(x2, weight)
+    if path == "tma" and seed is None and K.down_in_gemm(x2, weight, lora_a.shape[0], tma_checked=True):
+        # xa from the x tiles the GEMM loads: no pass of its own over x. (With dropout the mask generated in the
+        # K-loop cost more than the masked pass: benchmarks/RESULTS.md.)
+        return K.gemm_lora_tma(x2, weight, bias, None, lora_b, scale, x2.dtype, down=lora_a)
+    if path is None:
+        # One launch writes xa and the LoRA term y = xa·Bᵀ (+ b); cuBLAS adds x·Wᵀ onto y in place.
+        xa, y = K.lora_down(x2, lora_a, scale, x2.dtype, mask_seed=seed, threshold=threshold, lora_b=lora_b,
+                            bias=bias)
+        return y.addmm_(x2, weight.t()), xa
+    xa = K.lora_down(x2, lora_a, scale, x2.dtype, mask_seed=seed, threshold=threshold)
+    gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora
+    return gemm(x2, weight, bias, xa, lora_b, 1.0, x2.dtype), xa
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -210,30 +245,13 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-        from lora_engine.kernels import lora_linear as K
 
-        in_f = x.shape[-1]
-        out_f = weight.shape[0]
-        x2 = x.reshape(-1, in_f)
-        threshold = K.dropout_threshold(dropout_p) if seed is not None else 0
-        keep_scale = 1.0 / (1.0 - dropout_p) if seed is not None else 1.0
-        # scaling is folded into xa (and into g in backward): no separate pass applies it. lora_a and
-        # lora_b go to the kernels as they are (fp32 adapters are rounded to x's dtype in-kernel).
-        if _fused_gemm(x2, weight):
-            if seed is None and K.down_in_gemm(x2, weight, lora_a.shape[0]):
-                # xa from the x tiles the GEMM loads (no pass of its own over x); stored for backward.
-                y, xa = K.gemm_lora_tma(x2, weight, bias, None, lora_b, scaling, x.dtype, down=lora_a)
-            else:
-                xa = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold)
-                y = K.gemm_lora(x2, weight, bias, xa, lora_b, 1.0, x.dtype)
-        else:
-            # One launch writes xa and the LoRA term y = xa·Bᵀ (+ b); cuBLAS adds x·Wᵀ onto y in place.
-            xa, y = K.lora_down(x2, lora_a, scaling * keep_scale, x.dtype, mask_seed=seed, threshold=threshold,
-                                lora_b=lora_b, bias=bias)
-            y.addmm_(x2, weight.t())
+        x2 = x.reshape(-1, x.shape[-1])
+        keep_scale, threshold = _dropout_args(dropout_p, seed)
+        y, xa = _lora_forward(x2, weight, bias, lora_a, lora_b, scaling * keep_scale, seed, threshold)
         ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
         ctx.meta = (x.shape, scaling * keep_scale, seed, threshold)
-        return y.reshape(*x.shape[:-1], out_f)
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -246,16 +264,17 @@ class LoRALinearFunction(torch.autograd.Function):
         if dy2.dtype != x2.dtype:
             dy2 = dy2.to(x2.dtype)
         (M, K_in), N, R = x2.shape, dy2.shape[1], a.shape[0]
-        g, db, da, dbias = _grad_buffers(M, N, R, K_in, need_bias, dy.device)
+        g, db, da, dbias, db_da = _grad_buffers(M, N, R, K_in, need_bias, dy.device)
         # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
-        if need_x and _fused_gemm(dy2, weight.t(), masked=seed is not None):
+        path = _fused_gemm(dy2, weight.t(), masked=seed is not None) if need_x else None
+        if path:
             # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
             # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).
-            dx = K.gemm_lora(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
-                             da=da if need_a else None, da_x=x2)
-            dx = dx.reshape(x_shape)
+            gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora
+            dx = gemm(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
+                      da=da if need_a else None, da_x=x2).view(x_shape)
         else:
             # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.
             if need_x:
@@ -263,10 +282,13 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_x or need_a:
                 K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, lora_a=a, dx=dx)
             if need_x:
-                dx.addmm_(dy2, weight)
-                dx = dx.reshape(x_shape)
-        da = (da if a.dtype == torch.float32 else da.to(a.dtype)) if need_a else None
-        db = (db if b.dtype == torch.float32 else db.to(b.dtype)) if need_b else None
+                dx = dx.addmm_(dy2, weight).view(x_shape)
+        if need_a and need_b and db_da is not None and a.dtype == b.dtype != torch.float32:
+            db, da = db_da.to(a.dtype).split((N * R, R * K_in))  # one cast launch for both
+            db, da = db.view(N, R), da.view(R, K_in)
+        else:
+            da = (da if a.dtype == torch.float32 else da.to(a.dtype)) if need_a else None
+            db = (db if b.dtype == torch.float32 else db.to(b.dtype)) if need_b else None
         if dbias is not None:
             dbias = dbias.to(x2.dtype)
         return dx, None, dbias, da, db, None, None, None
@@ -306,6 +328,13 @@ def lora_linear(
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, int_seed)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    if not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        # Nothing to differentiate: the same kernels without the autograd node (host time at small shapes).
+        keep_scale, threshold = _dropout_args(dropout_p, seed)
+        y, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling * keep_scale, seed,
+                             threshold)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
 
 

@@ -75,7 +75,10 @@ def assert_close(outs, refs, tol):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_matches_fp64_reference(dtype, r, bias, p, base_gemm):
-    x, w, b, a, bb = make_inputs((19,), 45, 37, r, dtype, bias=bias, seed=r)
+    """Adapters in x's dtype with dropout off (their fp32 gradients cast back in one launch), fp32 adapters
+    (patch_model's) with dropout on."""
+    lora_dtype = dtype if p == 0 else torch.float32
+    x, w, b, a, bb = make_inputs((19,), 45, 37, r, dtype, bias=bias, seed=r, lora_dtype=lora_dtype)
     outs, refs = run_both(x, w, b, a, bb, scaling=2.0 / r, p=p)
     assert_close(outs, refs, TOL[dtype])
 
@@ -312,6 +315,26 @@ def test_eval_mode_has_no_dropout():
     y_eval = lora_linear(x, w, b, a, bb, 1.0, 0.9, training=False)
     y_none = lora_linear_reference(x, w, b, a, bb, 1.0, 0.0)
     assert rel_err(y_eval, y_none) < 1e-6
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_without_grad_the_forward_is_the_same_and_records_nothing(p):
+    """Under no_grad (or with nothing requiring grad) the op runs the same kernels without an autograd node:
+    the same y, bit for bit, as the differentiable call with the same dropout seed, against fp64 too."""
+    x, w, b, a, bb = make_inputs((3, 7), 40, 24, 8, torch.float32)
+    torch.manual_seed(3)
+    y_grad = lora_linear(x, w, b, a, bb, 2.0, p)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        y = lora_linear(x, w, b, a, bb, 2.0, p)
+    torch.manual_seed(3)
+    y_detached = lora_linear(x.detach(), w, None if b is None else b.detach(), a.detach(), bb.detach(), 2.0, p)
+    assert y_grad.grad_fn is not None and y.grad_fn is None and y_detached.grad_fn is None
+    assert torch.equal(y, y_grad) and torch.equal(y_detached, y_grad)
+    torch.manual_seed(3)
+    ref = lora_linear_reference(x.double(), w.double(), None if b is None else b.double(), a.double(), bb.double(),
+                                2.0, p)
+    assert rel_err(y, ref) <= TOL[torch.float32]
 
 
 def test_no_grad_input_skips_dx():

@@ -625,16 +625,23 @@ def _down_chunk(num_m: int, num_n: int, programs: int) -> int:
                if num_n % c == 0 and cdiv(num_m * (num_n // c), programs) * c <= per_program)
 
 
-def down_in_gemm(a: torch.Tensor, b: torch.Tensor, r: int) -> bool:
+def down_in_gemm(a: torch.Tensor, b: torch.Tensor, r: int, *, tma_checked: bool = False) -> bool:
     """Whether `gemm_lora_tma(a, b, ..., down=A)` (A of rank r) should compute xa itself instead of a separate
-    pass over a."""
-    if not (_rank_pad(r) <= _DOWN_IN_GEMM_MAX_RANK and (a.shape[1] * a.element_size()) % 16 == 0
-            and tma_gemm_available(a, b)):
+    pass over a. tma_checked: the caller has already found `tma_gemm_available(a, b)` true (one check per call
+    instead of two, on the host)."""
+    if not (tma_checked or tma_gemm_available(a, b)):
         return False
+    if not ((a.shape[1] * a.element_size()) % 16 == 0 and _rank_pad(r) <= _DOWN_IN_GEMM_MAX_RANK):
+        return False
+    return _down_computations(a.shape[0], b.shape[0], num_sms(a.device, 4)) <= _DOWN_IN_GEMM_MAX_BLOCKS
+
+
+@functools.cache
+def _down_computations(M: int, N: int, programs: int) -> int:
+    """How many times per row block the TMA GEMM with a down-projection computes xa (column blocks / unit)."""
     cfg = _tma_config()
-    num_n = cdiv(b.shape[0], cfg["BLOCK_N"])
-    chunk = _down_chunk(cdiv(a.shape[0], cfg["BLOCK_M"]), num_n, num_sms(a.device, 4))
-    return num_n // chunk <= _DOWN_IN_GEMM_MAX_BLOCKS
+    num_n = cdiv(N, cfg["BLOCK_N"])
+    return num_n // _down_chunk(cdiv(M, cfg["BLOCK_M"]), num_n, programs)
 
 
 def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
@@ -676,7 +683,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
     R = c.shape[1] if has_lora else 1
     r_pad = _rank_pad(R)
-    down_desc = TensorDescriptor(down, down.shape, down.stride(), [r_pad, bk]) if has_down else a_desc
+    down_desc = TensorDescriptor(down, down.shape, down.stride(), [r_pad, bk]) if has_down else None
     c_ = c if has_lora else a
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
