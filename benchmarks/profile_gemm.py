@@ -14,6 +14,8 @@ Part 3 times lora_linear fwd+bwd and forward with the base GEMM "cublas" and "au
 Part 4 (only with --parts 4) times dx with dA under tile configs with one or two persistent programs per SM.
 Part 5 (only with --parts 5) checks against fp64 and times the forward's xa computed inside the TMA GEMM once
 per unit of CHUNK_N column blocks, against the separate pass (`lora_down`) and one computation per tile.
+Part 7 (only with --parts 7) checks against fp64 and times the backward dx GEMM with dA summed over units of
+CHUNK_M row blocks (one atomic add per unit) against one tile at a time.
 """
 
 from __future__ import annotations
@@ -300,7 +302,7 @@ def part5_row(m, k, n, r=16) -> None:
     b = (torch.randn(n, r, device="cuda") / math.sqrt(r)).to(x.dtype)
     cfg = K._tma_config()
     num_m, num_n = math.ceil(m / cfg["BLOCK_M"]), math.ceil(n / cfg["BLOCK_N"])
-    auto = K._down_chunk(num_m, num_n, K.num_sms(x.device, 4))
+    auto = K._unit_blocks(num_m, num_n, K.num_sms(x.device, 4))
 
     def fwd_pass():
         xa = K.lora_down(x, a, 2.0, x.dtype)
@@ -326,6 +328,69 @@ def part5(shapes):
     part5_row(8192, 4096, 4096, r=64)
 
 
+def check_row_units() -> float:
+    """dx with dA summed over units of 1, 2, 3 row blocks and the default, p = 0 and .05, against fp64 (bf16 and
+    fp16, odd sizes)."""
+    worst = 0.0
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        for m, n_out, k, r in [(1000, 520, 1800, 7), (4104, 1032, 4096, 64), (333, 1032, 2056, 1),
+                               (2048, 2048, 2048, 16), (8200, 1024, 4104, 16)]:
+            rnd = lambda *shape, dt=dtype: torch.randn(*shape, device="cuda", dtype=dt, generator=gen)
+            dy, w, x = rnd(m, n_out), rnd(n_out, k) / math.sqrt(n_out), rnd(m, k)
+            g, a = rnd(m, r, dt=torch.float32), rnd(r, k, dt=torch.float32) / math.sqrt(k)
+            for p in (0.0, 0.05):
+                seed = torch.tensor([17 + m], device="cuda")
+                keep = dropout_keep_mask(17 + m, m, k, p, device="cuda").double()
+                g_op = g.to(dtype).double()
+                dx_ref = dy.double() @ w.double() + keep * (g_op @ a.to(dtype).double())
+                da_ref = g_op.T @ (keep * x.double())
+                for chunk_m in (1, 2, 3, None):
+                    cfg = K._tma_config(masked=p > 0) | ({} if chunk_m is None else dict(CHUNK_M=chunk_m))
+                    da = torch.zeros(r, k, device="cuda")
+                    dx = K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, dtype, mask_seed=seed if p else None,
+                                         threshold=K.dropout_threshold(p), da=da, da_x=x, config=cfg)
+                    for name, o, rf, t in (("dx", dx, dx_ref, tol), ("dA", da, da_ref, 1e-3)):
+                        e = rel(o, rf)
+                        assert o.isfinite().all() and e <= t, (name, dtype, m, n_out, k, r, p, chunk_m, e)
+                        worst = max(worst, e)
+    return worst
+
+
+def part7_row(m, k, n, r=16) -> None:
+    """dx = dy·W (+ g·A) with dA in the epilogue: (M, n) · (n, k), units of row blocks against one tile at a time."""
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(n)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(m, r, device="cuda", dtype=torch.float32)
+    a = torch.randn(r, k, device="cuda") / math.sqrt(k)
+    da = torch.zeros(r, k, device="cuda")
+    seed = torch.tensor([5], device="cuda")
+    cfg = K._tma_config()
+    auto = K._unit_blocks(math.ceil(k / cfg["BLOCK_N"]), math.ceil(m / cfg["BLOCK_M"]), K.num_sms(x.device, 4))
+
+    def dx(chunk_m, masked):
+        c = K._tma_config(masked=masked) | dict(CHUNK_M=chunk_m)
+        return lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_seed=seed if masked else None,
+                                       threshold=K.dropout_threshold(0.05), da=da, da_x=x, config=c)
+
+    base = gpu_ms(lambda: dy @ w)
+    res = {}
+    for masked in (False, True):
+        for chunk_m in sorted({1, auto}):
+            res[f"{'p=.05' if masked else 'p=0'} units of {chunk_m}"] = gpu_ms(dx(chunk_m, masked))
+    print(f"dx {m}x{n}->{k} r{r}: x cuBLAS {base:.3f} ms: "
+          + "; ".join(f"{name} {v:.3f} ({v / base:.3f})" for name, v in res.items()), flush=True)
+
+
+def part7(shapes):
+    print(f"check vs fp64, dA over units of row blocks (bf16, fp16): worst rel err {check_row_units():.2e}",
+          flush=True)
+    for m, k, n in shapes:
+        part7_row(m, k, n)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first shape only")
@@ -343,6 +408,8 @@ def main():
         part4(shapes)
     if "5" in args.parts:
         part5(shapes)
+    if "7" in args.parts:
+        part7(shapes)
 
 
 if __name__ == "__main__":

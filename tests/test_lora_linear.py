@@ -197,11 +197,12 @@ def test_tma_gemm_computes_xa_from_its_own_tiles(m, k8, n8, r, dtype, bias, rows
     assert rel_err(out, ref) <= TOL[dtype]
 
 
-@settings(max_examples=10, deadline=None)
-@given(**TMA_CASES, p=st.sampled_from([0.0, 0.3]), split=st.sampled_from([1, 2, 4]))
-def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split):
+@settings(max_examples=16, deadline=None)
+@given(**TMA_CASES, p=st.sampled_from([0.0, 0.3]), split=st.sampled_from([1, 2, 4]), chunk_m=st.integers(1, 3))
+def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split, chunk_m):
     """The dx role: dx = dy·W + keep ⊙ (g·A) with the dropout mask applied in the epilogue (in 1, 2 or 4
-    column parts), and dA += gᵀ·(keep ⊙ x) from the x tiles the epilogue loads; both against fp64."""
+    column parts), and dA += gᵀ·(keep ⊙ x) from the x tiles the epilogue loads, summed over units of 1-3 row
+    blocks (a shorter last unit) before it is added; both against fp64."""
     n_out, k = 8 * n8, 8 * k8  # dy (m, n_out), W (n_out, k): dx is (m, k)
     g = torch.Generator().manual_seed(m * 1000 + k * 10 + n_out + r)
     dy = torch.randn(m, n_out, generator=g).to(dtype)
@@ -210,7 +211,7 @@ def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r
     gr = torch.randn(m, r, generator=g)
     la = torch.randn(r, k, generator=g) / math.sqrt(k)
     seed = torch.tensor([99 + m]) if p else None
-    config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split)
+    config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split, BLOCK_M=16, CHUNK_M=chunk_m)
     da = torch.zeros(r, k)
     dx = K.gemm_lora_tma(dy, w.t(), None, gr, la.t(), 1.0, dtype, mask_seed=seed, threshold=K.dropout_threshold(p),
                          da=da, da_x=x, config=config)
@@ -240,6 +241,9 @@ def test_tma_gemm_reuses_xa_across_a_unit_of_column_blocks(m, k8, n8, r, dtype, 
 
 def test_tma_gemm_refuses_conflicting_lora_operands():
     a, b = torch.randn(16, 32), torch.randn(24, 32)
+    with pytest.raises(ValueError, match="exclude each other"):
+        K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, da=torch.zeros(4, 24),
+                        da_x=torch.randn(16, 24), config=K._tma_config() | dict(CHUNK_M=2, CHUNK_N=2))
     with pytest.raises(ValueError, match="pass c or down, not both"):
         K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, down=torch.randn(4, 32))
     with pytest.raises(ValueError, match="da needs the LoRA operands"):

@@ -162,11 +162,12 @@ def _tma_epilogue_part(
     part, out_desc, row0, n0, offs_m, c_op, M, N, R,
     bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr, PART_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr, PART_N: tl.constexpr, DEFER_DA: tl.constexpr,
 ):
     """Finish and store output columns [n0, n0 + PART_N) of a tile: bias, the LoRA term when masked (a tile of
     its own, PART_N wide: a whole one beside the accumulator spills; unmasked it is already in `part`) and
-    dA's share from the x tile, then the store."""
+    dA's share from the x tile, then the store. Returns dA's share (PART_N, R_PAD) fp32 (zeros without
+    HAS_GRAD_A); with DEFER_DA it is not added to da here (the caller sums a unit's shares first)."""
     offs_n = n0 + tl.arange(0, PART_N)
     mask_n = offs_n < N
     offs_r = tl.arange(0, R_PAD)
@@ -186,9 +187,21 @@ def _tma_epilogue_part(
         if HAS_DROPOUT:
             x = tl.where(keep, x, 0.0)
         da_t = tl.dot(tl.trans(x.to(c_op.dtype)), c_op, input_precision=PRECISION)
-        tl.atomic_add(da_ptr + offs_r[None, :] * N + offs_n[:, None], da_t,
-                      mask=mask_r[None, :] & mask_n[:, None], sem="relaxed")
+        if not DEFER_DA:
+            _add_da(da_ptr, da_t, n0, N, R, R_PAD, PART_N)
+    else:
+        da_t = tl.zeros((PART_N, R_PAD), dtype=tl.float32)
     out_desc.store([row0, n0], part.to(out_desc.dtype))
+    return da_t
+
+
+@triton.jit
+def _add_da(da_ptr, da_t, n0, N, R, R_PAD: tl.constexpr, PART_N: tl.constexpr):
+    """da[:, n0:n0 + PART_N] += da_tᵀ (fp32 atomics; da is (R, N) contiguous)."""
+    offs_n = n0 + tl.arange(0, PART_N)
+    offs_r = tl.arange(0, R_PAD)
+    tl.atomic_add(da_ptr + offs_r[None, :] * N + offs_n[:, None], da_t,
+                  mask=(offs_r < R)[None, :] & (offs_n < N)[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -223,10 +236,11 @@ def _tma_tile_epilogue(
     bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr, DEFER_DA: tl.constexpr,
 ):
     """Add the unmasked LoRA term c_op · d[cols]ᵀ to the tile's accumulator, then finish and store the tile
-    in EPI_SPLIT column parts (`_tma_epilogue_part`)."""
+    in EPI_SPLIT column parts (`_tma_epilogue_part`). Returns the parts' dA shares, four (BLOCK_N / EPI_SPLIT,
+    R_PAD) fp32 tensors (zeros past EPI_SPLIT)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     if HAS_LORA:
@@ -237,36 +251,48 @@ def _tma_tile_epilogue(
             acc = tl.dot(c_op, dt.to(c_op.dtype), acc, input_precision=PRECISION)
     row0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
+    d0 = tl.zeros((BLOCK_N // EPI_SPLIT, R_PAD), dtype=tl.float32)
+    d1 = d0
+    d2 = d0
+    d3 = d0
     if EPI_SPLIT == 1:
-        _tma_epilogue_part(acc, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N)
+        d0 = _tma_epilogue_part(
+            acc, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
+            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            PRECISION, R_PAD, BLOCK_N, DEFER_DA)
     elif EPI_SPLIT == 2:
         lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _tma_epilogue_part(lo, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
-        _tma_epilogue_part(hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr,
-                           stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
-                           HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 2)
+        d0 = _tma_epilogue_part(
+            lo, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
+            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            PRECISION, R_PAD, BLOCK_N // 2, DEFER_DA)
+        d1 = _tma_epilogue_part(
+            hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
+            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            PRECISION, R_PAD, BLOCK_N // 2, DEFER_DA)
     else:
         # Quarters: column n = i·BLOCK_N/2 + j·BLOCK_N/4 + k; split over i, then over j.
         q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 2, 1))
         h0, h1 = tl.split(q)
         q0, q1 = tl.split(h0)
         q2, q3 = tl.split(h1)
-        _tma_epilogue_part(q0, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
-        _tma_epilogue_part(q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
-                           stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
-        _tma_epilogue_part(q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn,
-                           stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA,
-                           HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
-        _tma_epilogue_part(q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, M, N, R, bias_ptr, d_ptr,
-                           stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
-                           HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N // 4)
+        d0 = _tma_epilogue_part(
+            q0, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
+            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+        d1 = _tma_epilogue_part(
+            q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
+            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+        d2 = _tma_epilogue_part(
+            q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
+            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+        d3 = _tma_epilogue_part(
+            q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+            x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+    return d0, d1, d2, d3
 
 
 @triton.jit
@@ -278,7 +304,8 @@ def _gemm_lora_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DOWN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_GRAD_A: tl.constexpr, B_ROWS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr, CHUNK_N: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr, CHUNK_N: tl.constexpr, CHUNK_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
 ):
     """out[M, N] = a[M, K] · bᵀ (+ bias[N]) + mask ⊙ (c' · d[N, R]ᵀ) with c' = round(scale · c[M, R]):
     persistent, with a, b, out (and down) moved by TMA descriptors. b is (N, K) when B_ROWS_OUT, else (K, N).
@@ -289,7 +316,8 @@ def _gemm_lora_tma_kernel(
     (ceil(N / BLOCK_N) / CHUNK_N computations per row block instead of one per tile).
     HAS_DROPOUT (backward dx): the LoRA term is multiplied by the keep-mask of an (M, N) tensor.
     HAS_GRAD_A (backward dx): da[R, N] (fp32) += c'ᵀ · (mask ⊙ x[M, N]), from x tiles loaded in the epilogue:
-    the dA pass over x rides on the dx GEMM.
+    the dA pass over x rides on the dx GEMM. With CHUNK_M > 1 (HAS_GRAD_A only) the tiles are walked in units of
+    CHUNK_M consecutive row blocks of one column block, and a unit adds its summed dA shares to da once.
     Each of NUM_PROGRAMS programs walks the units pid, pid + NUM_PROGRAMS, ... in grouped order. An unmasked
     LoRA product accumulates into the GEMM's own accumulator; the epilogue then runs in EPI_SPLIT column parts.
     """
@@ -302,34 +330,74 @@ def _gemm_lora_tma_kernel(
         seed = tl.load(seed_ptr)
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    for unit in range(tl.program_id(0), num_m * num_chunks, NUM_PROGRAMS):
-        pid_m, chunk = _tile_coords(unit, num_m, num_chunks, GROUP_M)
-        pid_n = chunk * CHUNK_N
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        acc, xa = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, HAS_DOWN, B_ROWS_OUT, UPCAST,
-                                PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
-        c_op = tl.zeros((BLOCK_M, R_PAD), dtype=op_dtype)
-        if HAS_DOWN:
-            c_st = (xa * scale).to(c_ptr.dtype.element_ty)
-            if pid_n == 0:
-                tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr, c_st,
-                         mask=(offs_m < M)[:, None] & mask_r[None, :])
-            c_op = c_st.to(op_dtype)
-        elif HAS_LORA:
-            c = tl.load(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr,
-                        mask=(offs_m < M)[:, None] & mask_r[None, :], other=0.0)
-            c_op = (c.to(tl.float32) * scale).to(op_dtype)
-        _tma_tile_epilogue(acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                           x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT,
-                           HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT)
-        if CHUNK_N > 1:
-            for j in range(1, min(CHUNK_N, num_n - pid_n)):
-                acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n + j, K, False, B_ROWS_OUT, UPCAST,
+    if CHUNK_M > 1:
+        # dx with dA: units of CHUNK_M consecutive row blocks of one column block; the unit's dA shares are summed
+        # in registers and added to da once per unit (CHUNK_M times fewer atomics).
+        num_row_chunks = tl.cdiv(num_m, CHUNK_M)
+        for unit in range(tl.program_id(0), num_row_chunks * num_n, NUM_PROGRAMS):
+            row_chunk, pid_n = _tile_coords(unit, num_row_chunks, num_n, GROUP_M)
+            da0 = tl.zeros((BLOCK_N // EPI_SPLIT, R_PAD), dtype=tl.float32)
+            da1 = da0
+            da2 = da0
+            da3 = da0
+            for i in range(0, min(CHUNK_M, num_m - row_chunk * CHUNK_M)):
+                pid_m = row_chunk * CHUNK_M + i
+                acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, False, B_ROWS_OUT, UPCAST,
                                        PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
-                _tma_tile_epilogue(acc, c_op, pid_m, pid_n + j, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn,
-                                   stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
-                                   HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N,
-                                   EPI_SPLIT)
+                c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
+                d0, d1, d2, d3 = _tma_tile_epilogue(
+                    acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
+                    stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+                    PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, True)
+                da0 += d0
+                da1 += d1
+                da2 += d2
+                da3 += d3
+            n0 = pid_n * BLOCK_N
+            _add_da(da_ptr, da0, n0, N, R, R_PAD, BLOCK_N // EPI_SPLIT)
+            if EPI_SPLIT > 1:
+                _add_da(da_ptr, da1, n0 + BLOCK_N // EPI_SPLIT, N, R, R_PAD, BLOCK_N // EPI_SPLIT)
+            if EPI_SPLIT > 2:
+                _add_da(da_ptr, da2, n0 + 2 * (BLOCK_N // EPI_SPLIT), N, R, R_PAD, BLOCK_N // EPI_SPLIT)
+                _add_da(da_ptr, da3, n0 + 3 * (BLOCK_N // EPI_SPLIT), N, R, R_PAD, BLOCK_N // EPI_SPLIT)
+    else:
+        for unit in range(tl.program_id(0), num_m * num_chunks, NUM_PROGRAMS):
+            pid_m, chunk = _tile_coords(unit, num_m, num_chunks, GROUP_M)
+            pid_n = chunk * CHUNK_N
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            acc, xa = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, HAS_DOWN, B_ROWS_OUT, UPCAST,
+                                    PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
+            c_op = tl.zeros((BLOCK_M, R_PAD), dtype=op_dtype)
+            if HAS_DOWN:
+                c_st = (xa * scale).to(c_ptr.dtype.element_ty)
+                if pid_n == 0:
+                    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr, c_st,
+                             mask=(offs_m < M)[:, None] & mask_r[None, :])
+                c_op = c_st.to(op_dtype)
+            elif HAS_LORA:
+                c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
+            _tma_tile_epilogue(acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
+                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT,
+                               HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, False)
+            if CHUNK_N > 1:
+                for j in range(1, min(CHUNK_N, num_n - pid_n)):
+                    acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n + j, K, False, B_ROWS_OUT,
+                                           UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
+                    _tma_tile_epilogue(acc, c_op, pid_m, pid_n + j, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn,
+                                       stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
+                                       HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M,
+                                       BLOCK_N, EPI_SPLIT, False)
+
+
+@triton.jit
+def _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype: tl.constexpr, R_PAD: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """round(scale · c[rows of row block pid_m]) as the (BLOCK_M, R_PAD) operand of the epilogue's products."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    c = tl.load(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr,
+                mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0)
+    return (c.to(tl.float32) * scale).to(op_dtype)
 
 
 _gemm_lora_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "R_PAD"])(
@@ -607,22 +675,23 @@ def _tma_config(masked: bool = False) -> dict:
                 num_stages=3)
 
 
-# The forward's xa inside the TMA GEMM: computed once per unit of `_down_chunk` consecutive column blocks of a row
+# The forward's xa inside the TMA GEMM: computed once per unit of `_unit_blocks` consecutive column blocks of a row
 # block, its extra MMA is (column blocks / chunk) times that of one bandwidth-bound pass over x. On an H100, r16
 # and r64, one computation per tile paid at 4 and 8 column blocks (8192x4096->1024, 2048^2), not at 16 or 56; in
 # units (8 at ->4096, 7 at ->14336) it pays at all four shapes of bench_kernels.py (benchmarks/RESULTS.md).
 _DOWN_IN_GEMM_MAX_BLOCKS = 8  # computations per row block
 _DOWN_IN_GEMM_MAX_RANK = 64
-_DOWN_MAX_CHUNK = 8
+_UNIT_MAX_BLOCKS = 8
 
 
 @functools.cache
-def _down_chunk(num_m: int, num_n: int, programs: int) -> int:
-    """Column blocks per unit of the TMA GEMM with a down-projection: the largest divisor of num_n (at most
-    _DOWN_MAX_CHUNK) whose units leave no program more tiles than walking tile by tile would."""
-    per_program = cdiv(num_m * num_n, programs)
-    return max(c for c in range(1, min(num_n, _DOWN_MAX_CHUNK) + 1)
-               if num_n % c == 0 and cdiv(num_m * (num_n // c), programs) * c <= per_program)
+def _unit_blocks(num_other: int, num_blocks: int, programs: int) -> int:
+    """Blocks per unit of the TMA GEMM's tile walk (column blocks of a row block with a down-projection, row blocks
+    of a column block with dA): the largest divisor of num_blocks (at most _UNIT_MAX_BLOCKS) whose units leave no
+    program more tiles than walking tile by tile would."""
+    per_program = cdiv(num_other * num_blocks, programs)
+    return max(c for c in range(1, min(num_blocks, _UNIT_MAX_BLOCKS) + 1)
+               if num_blocks % c == 0 and cdiv(num_other * (num_blocks // c), programs) * c <= per_program)
 
 
 def down_in_gemm(a: torch.Tensor, b: torch.Tensor, r: int, *, tma_checked: bool = False) -> bool:
@@ -641,7 +710,7 @@ def _down_computations(M: int, N: int, programs: int) -> int:
     """How many times per row block the TMA GEMM with a down-projection computes xa (column blocks / unit)."""
     cfg = _tma_config()
     num_n = cdiv(N, cfg["BLOCK_N"])
-    return num_n // _down_chunk(cdiv(M, cfg["BLOCK_M"]), num_n, programs)
+    return num_n // _unit_blocks(cdiv(M, cfg["BLOCK_M"]), num_n, programs)
 
 
 def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
@@ -655,7 +724,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
     epilogue loads (backward dA beside dx).
     config: optional dict of the kernel's tile constexprs plus num_warps / num_stages (and programs_per_sm,
-    default 1: persistent programs per SM; CHUNK_N, default `_down_chunk`'s), for benchmarks.
+    default 1: persistent programs per SM; CHUNK_N and CHUNK_M, default `_unit_blocks`'s), for benchmarks.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -688,8 +757,11 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
     num_m, num_n, resident = cdiv(M, bm), cdiv(N, bn), per_sm * num_sms(a.device, 4)
-    chunk = cfg.pop("CHUNK_N", _down_chunk(num_m, num_n, resident) if has_down else 1)
-    programs = min(resident, num_m * cdiv(num_n, chunk))
+    chunk = cfg.pop("CHUNK_N", _unit_blocks(num_m, num_n, resident) if has_down else 1)
+    chunk_m = cfg.pop("CHUNK_M", _unit_blocks(num_n, num_m, resident) if da is not None else 1)
+    if chunk_m > 1 and (has_down or chunk > 1):
+        raise ValueError("gemm_lora_tma: units of rows (CHUNK_M, with da) and of columns (CHUNK_N) exclude each other")
+    programs = min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk))
     launch(
         _gemm_lora_tma_kernel, (programs,),
         (a_desc, b_desc, TensorDescriptor(out, out.shape, out.stride(), [bm, bn // cfg["EPI_SPLIT"]]), down_desc,
@@ -699,7 +771,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
         dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=mask_seed is not None,
              HAS_GRAD_A=da is not None, B_ROWS_OUT=rows_out, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
              R_PAD=r_pad)
-        | cfg | dict(CHUNK_N=chunk, NUM_PROGRAMS=programs),
+        | cfg | dict(CHUNK_N=chunk, CHUNK_M=chunk_m, NUM_PROGRAMS=programs),
         num_warps=num_warps, num_stages=num_stages,
     )
     return (out, c) if has_down else out
