@@ -245,7 +245,6 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-
         x2 = x.reshape(-1, x.shape[-1])
         keep_scale, threshold = _dropout_args(dropout_p, seed)
         y, xa = _lora_forward(x2, weight, bias, lora_a, lora_b, scaling * keep_scale, seed, threshold)
