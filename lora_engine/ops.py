@@ -108,7 +108,8 @@ _base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "auto")
 _TRITON_MIN_MACS = 1 << 30
 # With a dropout mask on dx's LoRA term the TMA kernel generates the mask in its epilogue, where nothing
 # overlaps it: on an H100 that paid only with a long K-loop to hide behind (dy of 14336 columns: 1.11x of
-# cuBLAS, against 1.15x for the cuBLAS path; at 4096 columns 1.31x against 1.27x).
+# cuBLAS, against 1.15x for the cuBLAS path; at 4096 columns 1.31x against 1.27x). Rechecked on an H200 with dA
+# summed over row-block units, whole op at p=.05: a tie at 4096 columns, a loss at 1024 (benchmarks/RESULTS.md).
 _MASKED_MIN_K = 8192
 
 
