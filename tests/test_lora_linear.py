@@ -244,6 +244,9 @@ def test_tma_gemm_refuses_conflicting_lora_operands():
     with pytest.raises(ValueError, match="exclude each other"):
         K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, da=torch.zeros(4, 24),
                         da_x=torch.randn(16, 24), config=K._tma_config() | dict(CHUNK_M=2, CHUNK_N=2))
+    with pytest.raises(ValueError, match="they need da and da_x"):
+        K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype,
+                        config=K._tma_config() | dict(CHUNK_M=2))
     with pytest.raises(ValueError, match="pass c or down, not both"):
         K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, down=torch.randn(4, 32))
     with pytest.raises(ValueError, match="da needs the LoRA operands"):

@@ -759,6 +759,8 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     num_m, num_n, resident = cdiv(M, bm), cdiv(N, bn), per_sm * num_sms(a.device, 4)
     chunk = cfg.pop("CHUNK_N", _unit_blocks(num_m, num_n, resident) if has_down else 1)
     chunk_m = cfg.pop("CHUNK_M", _unit_blocks(num_n, num_m, resident) if da is not None else 1)
+    if chunk_m > 1 and da is None:
+        raise ValueError("gemm_lora_tma: units of rows (CHUNK_M > 1) sum dA's shares: they need da and da_x")
     if chunk_m > 1 and (has_down or chunk > 1):
         raise ValueError("gemm_lora_tma: units of rows (CHUNK_M, with da) and of columns (CHUNK_N) exclude each other")
     programs = min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk))
