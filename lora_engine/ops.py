@@ -212,19 +212,12 @@ def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device) -> tu
     return g.view(M, R), db.view(N, R), da.view(R, K), (dbias[0] if need_bias else None), db_da
 
 
-def _dropout_args(dropout_p: float, seed) -> tuple[float, int]:
-    """(1 / (1 - p), the kernels' integer keep threshold) with a dropout seed; (1.0, 0) without one."""
-    from lora_engine.kernels.lora_linear import dropout_threshold
-
-    return (1.0 / (1.0 - dropout_p), dropout_threshold(dropout_p)) if seed is not None else (1.0, 0)
-
-
 def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
     """y = x2·Wᵀ + b + xa·Bᵀ and xa = scale · (mask ⊙ x2)·Aᵀ (M, r), through the kernels; x2 is (M, in)."""
     from lora_engine.kernels import lora_linear as K
 
-    # scale (scaling · 1/(1-p)) is folded into xa (and into g in backward): no separate pass applies it. lora_a
-    # and lora_b go to the kernels as they are (fp32 adapters are rounded to x's dtype in-kernel).
+    # scale (scaling · 1/(1-p)) is folded into xa: no separate pass applies it. lora_a and lora_b go to the kernels
+    # as they are (fp32 adapters are rounded to x's dtype in-kernel).
     path = _fused_gemm(x2, weight)
     if path == "tma" and seed is None and K.down_in_gemm(x2, weight, lora_a.shape[0], tma_checked=True):
         # xa from the x tiles the GEMM loads: no pass of its own over x. (With dropout the mask generated in the
@@ -241,16 +234,16 @@ def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Fused LoRA linear. Saves x (as given, no copy) and xa = scaling · dropout(x)·Aᵀ of shape
-    (M, r); the dropout mask is regenerated in backward from its seed, a (1,) int64 device tensor."""
+    """Fused LoRA linear with scale = scaling / (1 - p) and the keep test's integer threshold (both from
+    `lora_linear`). Saves x (as given, no copy) and xa = scale · (mask ⊙ x)·Aᵀ of shape (M, r); the dropout
+    mask is regenerated in backward from its seed, a (1,) int64 device tensor (None: no dropout)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, seed, threshold):
         x2 = x.reshape(-1, x.shape[-1])
-        keep_scale, threshold = _dropout_args(dropout_p, seed)
-        y, xa = _lora_forward(x2, weight, bias, lora_a, lora_b, scaling * keep_scale, seed, threshold)
+        y, xa = _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold)
         ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
-        ctx.meta = (x.shape, scaling * keep_scale, seed, threshold)
+        ctx.meta = (x.shape, scale, seed, threshold)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -328,14 +321,17 @@ def lora_linear(
         return lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, int_seed)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    from lora_engine.kernels.lora_linear import dropout_threshold
+
+    # scaling · 1/(1-p) is folded into xa (and into g in backward); threshold is the kernels' integer keep test.
+    scale = scaling * (1.0 / (1.0 - dropout_p)) if seed is not None else scaling
+    threshold = dropout_threshold(dropout_p) if seed is not None else 0
     if not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
                                          or (bias is not None and bias.requires_grad))):
         # Nothing to differentiate: the same kernels without the autograd node (host time at small shapes).
-        keep_scale, threshold = _dropout_args(dropout_p, seed)
-        y, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling * keep_scale, seed,
-                             threshold)
+        y, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scale, seed, threshold)
         return y.view(*x.shape[:-1], weight.shape[0])
-    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, seed, threshold)
 
 
 # ----------------------------------------------------------------------------- RMSNorm and SwiGLU
