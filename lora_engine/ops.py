@@ -139,9 +139,7 @@ def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool = False) -> str |
 
 def kernels_available(x: torch.Tensor) -> bool:
     """True where the Triton kernels run for x: CUDA tensors, or any tensor under TRITON_INTERPRET=1."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    return x.is_cuda
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check(x, weight, bias, lora_a, lora_b, dropout_p):
@@ -206,10 +204,11 @@ def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device) -> tu
     if torch.compiler.is_compiling():
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)
         return zeros(M, R), zeros(N, R), zeros(R, K), (zeros(N) if need_bias else None), None
-    ws = torch.zeros(M * R + N * R + R * K + (N if need_bias else 0), device=device, dtype=torch.float32)
-    g, db_da, *dbias = ws.split((M * R, N * R + R * K, N) if need_bias else (M * R, N * R + R * K))
-    db, da = db_da.split((N * R, R * K))
-    return g.view(M, R), db.view(N, R), da.view(R, K), (dbias[0] if need_bias else None), db_da
+    o_db, o_da, o_bias = M * R, M * R + N * R, M * R + N * R + R * K
+    ws = torch.zeros(o_bias + (N if need_bias else 0), device=device, dtype=torch.float32)
+    view = ws.as_strided  # one call a view (split and view: three calls for two)
+    return (view((M, R), (R, 1)), view((N, R), (R, 1), o_db), view((R, K), (K, 1), o_da),
+            view((N,), (1,), o_bias) if need_bias else None, view((N * R + R * K,), (1,), o_db))
 
 
 def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
@@ -277,8 +276,8 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_x:
                 dx = dx.addmm_(dy2, weight).view(x_shape)
         if need_a and need_b and db_da is not None and a.dtype == b.dtype != torch.float32:
-            db, da = db_da.to(a.dtype).split((N * R, R * K_in))  # one cast launch for both
-            db, da = db.view(N, R), da.view(R, K_in)
+            both = db_da.to(a.dtype)  # one cast launch for both
+            db, da = both.as_strided((N, R), (R, 1)), both.as_strided((R, K_in), (K_in, 1), N * R)
         else:
             da = (da if a.dtype == torch.float32 else da.to(a.dtype)) if need_a else None
             db = (db if b.dtype == torch.float32 else db.to(b.dtype)) if need_b else None

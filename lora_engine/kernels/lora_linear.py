@@ -31,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import cdiv, launch, next_power_of_2, num_sms
@@ -713,6 +714,60 @@ def _down_computations(M: int, N: int, programs: int) -> int:
     return num_n // _unit_blocks(cdiv(M, cfg["BLOCK_M"]), num_n, programs)
 
 
+# Validated TMA descriptors as attribute dicts with no base, by (dtype, shape, strides, block shape); `_descriptor`
+# copies one and sets its base instead of running Triton's constructor (~3 µs of host time each, 4 per launch).
+_DESCRIPTORS: dict = {}
+
+
+def _descriptor(t: torch.Tensor, shape: tuple, strides: tuple, block: tuple) -> TensorDescriptor:
+    """TensorDescriptor(t, shape, strides, block). Triton's checks run once per (dtype, shape, strides, block); t's
+    16-byte alignment, the one check that depends on t itself, is the caller's (`tma_gemm_available` checks a and b,
+    fresh outputs are aligned)."""
+    key = (t.dtype, shape, strides, block)
+    fields = _DESCRIPTORS.get(key)
+    if fields is None:
+        desc = TensorDescriptor(t, list(shape), list(strides), list(block))
+        if hasattr(desc, "__dict__"):  # a plain dataclass in triton 3.6 and 3.9
+            if len(_DESCRIPTORS) >= 4096:
+                _DESCRIPTORS.clear()
+            _DESCRIPTORS[key] = dict(vars(desc), base=None)  # no reference to t kept
+        return desc
+    desc = _new_descriptor(TensorDescriptor)
+    desc.__dict__.update(fields)
+    desc.base = t
+    return desc
+
+
+_new_descriptor = object.__new__
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, config: tuple | None) -> tuple:
+    """Everything of a `gemm_lora_tma` launch that the shapes, flags and config decide (host time: computed once):
+    (constexprs in signature order, num_warps, num_stages, programs, (BLOCK_M, BLOCK_N, BLOCK_K, out block N),
+    R_PAD). flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
+    has_bias, has_lora, has_down, masked, has_da, rows_out, upcast, precision = flags
+    cfg = dict(config) if config is not None else _tma_config(masked=masked)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    per_sm = cfg.pop("programs_per_sm", 1)
+    resident *= per_sm
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    num_m, num_n = cdiv(M, bm), cdiv(N, bn)
+    chunk = cfg.pop("CHUNK_N", _unit_blocks(num_m, num_n, resident) if has_down else 1)
+    chunk_m = cfg.pop("CHUNK_M", _unit_blocks(num_n, num_m, resident) if has_da else 1)
+    if chunk_m > 1 and not has_da:
+        raise ValueError("gemm_lora_tma: units of rows (CHUNK_M > 1) sum dA's shares: they need da and da_x")
+    if chunk_m > 1 and (has_down or chunk > 1):
+        raise ValueError("gemm_lora_tma: units of rows (CHUNK_M, with da) and of columns (CHUNK_N) exclude each other")
+    programs = min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk))
+    r_pad = _rank_pad(R)
+    constexprs = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=masked,
+                      HAS_GRAD_A=has_da, B_ROWS_OUT=rows_out, UPCAST=upcast, PRECISION=precision, R_PAD=r_pad,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EPI_SPLIT=cfg["EPI_SPLIT"],
+                      CHUNK_N=chunk, CHUNK_M=chunk_m, NUM_PROGRAMS=programs)
+    return constexprs, num_warps, num_stages, programs, (bm, bn, bk, bn // cfg["EPI_SPLIT"]), r_pad
+
+
 def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
                   config=None):
     """out = a · bᵀ (+ bias) + mask ⊙ (c' · dᵀ), c' = round(scale · c), through the persistent TMA kernel; the
@@ -726,55 +781,39 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     config: optional dict of the kernel's tile constexprs plus num_warps / num_stages (and programs_per_sm,
     default 1: persistent programs per SM; CHUNK_N and CHUNK_M, default `_unit_blocks`'s), for benchmarks.
     """
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     M, K = a.shape
     N = b.shape[0]
-    cfg = dict(config or _tma_config(masked=mask_seed is not None))
-    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    per_sm = cfg.pop("programs_per_sm", 1)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    rows_out = b.stride(1) == 1
-    b_desc = (TensorDescriptor(b, b.shape, b.stride(), [bn, bk]) if rows_out
-              else TensorDescriptor(b.t(), (K, N), (b.stride(1), 1), [bk, bn]))
-    a_desc = TensorDescriptor(a, a.shape, a.stride(), [bm, bk])
     has_down = down is not None
     if has_down:
         if c is not None:
             raise ValueError("gemm_lora_tma: pass c or down, not both")
-        down = down.to(a.dtype).contiguous()
-        if down.stride(0) != down.shape[1]:  # one row: "contiguous" whatever its row stride, which TMA reads
-            down = down.as_strided(down.shape, (down.shape[1], 1))
+        if down.dtype != a.dtype or not down.is_contiguous() or down.data_ptr() % 16:
+            down = down.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
         c = torch.empty((M, down.shape[0]), device=a.device, dtype=out_dtype)
     has_lora = c is not None
     if da is not None and not has_lora:
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
     R = c.shape[1] if has_lora else 1
-    r_pad = _rank_pad(R)
-    down_desc = TensorDescriptor(down, down.shape, down.stride(), [r_pad, bk]) if has_down else None
+    rows_out = b.stride(1) == 1
+    flags = (bias is not None, has_lora, has_down, mask_seed is not None, da is not None, rows_out,
+             _upcast(a.dtype), _precision(a.dtype))
+    constexprs, num_warps, num_stages, programs, (bm, bn, bk, bn_out), r_pad = _tma_plan(
+        M, N, K, R, flags, num_sms(a.device, 4), tuple(config.items()) if config else None)
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    b_desc = (_descriptor(b, (N, K), (b.stride(0), 1), (bn, bk)) if rows_out
+              else _descriptor(b.t(), (K, N), (b.stride(1), 1), (bk, bn)))
+    # A single row is contiguous whatever its row stride, but TMA reads the stride: pass the dense one.
+    down_desc = _descriptor(down, (R, K), (K, 1), (r_pad, bk)) if has_down else None
     c_ = c if has_lora else a
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
-    num_m, num_n, resident = cdiv(M, bm), cdiv(N, bn), per_sm * num_sms(a.device, 4)
-    chunk = cfg.pop("CHUNK_N", _unit_blocks(num_m, num_n, resident) if has_down else 1)
-    chunk_m = cfg.pop("CHUNK_M", _unit_blocks(num_n, num_m, resident) if da is not None else 1)
-    if chunk_m > 1 and da is None:
-        raise ValueError("gemm_lora_tma: units of rows (CHUNK_M > 1) sum dA's shares: they need da and da_x")
-    if chunk_m > 1 and (has_down or chunk > 1):
-        raise ValueError("gemm_lora_tma: units of rows (CHUNK_M, with da) and of columns (CHUNK_N) exclude each other")
-    programs = min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk))
     launch(
         _gemm_lora_tma_kernel, (programs,),
-        (a_desc, b_desc, TensorDescriptor(out, out.shape, out.stride(), [bm, bn // cfg["EPI_SPLIT"]]), down_desc,
-         bias if bias is not None else out, c_, d_, x_, da if da is not None else out,
+        (_descriptor(a, (M, K), (a.stride(0), 1), (bm, bk)), b_desc, _descriptor(out, (M, N), (N, 1), (bm, bn_out)),
+         down_desc, bias if bias is not None else out, c_, d_, x_, da if da is not None else out,
          M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), x_.stride(0), x_.stride(1),
          float(scale), mask_seed if mask_seed is not None else out, threshold),
-        dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=mask_seed is not None,
-             HAS_GRAD_A=da is not None, B_ROWS_OUT=rows_out, UPCAST=_upcast(a.dtype), PRECISION=_precision(a.dtype),
-             R_PAD=r_pad)
-        | cfg | dict(CHUNK_N=chunk, CHUNK_M=chunk_m, NUM_PROGRAMS=programs),
-        num_warps=num_warps, num_stages=num_stages,
+        constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     return (out, c) if has_down else out
 
