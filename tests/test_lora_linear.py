@@ -239,6 +239,31 @@ def test_tma_gemm_reuses_xa_across_a_unit_of_column_blocks(m, k8, n8, r, dtype, 
     assert rel_err(out, a.double() @ b.double().T + xa.double() @ d.to(dtype).double().T) <= TOL[dtype]
 
 
+def test_tma_descriptors_are_validated_copies_that_keep_no_tensor():
+    """`_descriptor` hands back what Triton's constructor would, copied from the first one validated for the
+    same (dtype, shape, strides, block), with its own base; the cache holds no reference to any tensor."""
+    import gc
+    import weakref
+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    K._DESCRIPTORS.clear()
+    first = torch.randn(48, 40)
+    gone = weakref.ref(first)
+    K._descriptor(first, (48, 40), (40, 1), (16, 8))
+    del first
+    gc.collect()
+    assert gone() is None
+    t = torch.randn(48, 40)
+    copy = K._descriptor(t, (48, 40), (40, 1), (16, 8))
+    fresh = TensorDescriptor(t, [48, 40], [40, 1], [16, 8])
+    assert type(copy) is TensorDescriptor and copy.base is t
+    assert {k: v for k, v in vars(copy).items() if k != "base"} == {k: v for k, v in vars(fresh).items() if k != "base"}
+    assert K._descriptor(t.half(), (48, 40), (40, 1), (16, 8)).base.dtype == torch.float16  # dtype is in the key
+    with pytest.raises(ValueError, match="power of 2"):  # the first of a kind still runs Triton's checks
+        K._descriptor(t, (48, 40), (40, 1), (16, 12))
+
+
 def test_tma_gemm_refuses_conflicting_lora_operands():
     a, b = torch.randn(16, 32), torch.randn(24, 32)
     with pytest.raises(ValueError, match="exclude each other"):
@@ -419,6 +444,21 @@ def test_gpu_against_fp64(dtype, shape, p, base_gemm):
     x, w, b, a, bb = make_inputs(lead, k, n, r, dtype, device="cuda", lora_dtype=lora_dtype, seed=k + n)
     _poison_cache()
     outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=p)
+    assert_close(outs, refs, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("r", [7, 32, 64])
+def test_gpu_fp32_adapters_in_the_forward_gemm(dtype, r):
+    """fp32 adapters (patch_model's) with xa computed inside the TMA GEMM (A cast to x's dtype first), ranks up
+    to its limit of 64: forward and every gradient against fp64."""
+    x, w, b, a, bb = make_inputs((2, 1024), 1024, 1032, r, dtype, device="cuda", seed=r)
+    x2 = x.detach().reshape(-1, 1024)
+    if not K.down_in_gemm(x2, w, r):
+        pytest.skip("xa runs inside the GEMM on Hopper only")
+    _poison_cache()
+    outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=0.0)
     assert_close(outs, refs, TOL[dtype])
 
 

@@ -17,7 +17,8 @@ under torch.compile).
 `keep = bits16 >= round(p · 2**16)`: an integer test, reproduced bit-for-bit by the torch reference.
 
 A and B may be fp32 (as patch_model creates them) with x in half precision: every kernel rounds them
-to x's dtype as it loads them, as the reference's `.to(x.dtype)` does, so no cast runs before a launch.
+to x's dtype as it loads them, as the reference's `.to(x.dtype)` does, so no cast runs before a launch
+(one exception, measured faster: the TMA GEMM that computes xa in its K-loop takes A cast to x's dtype).
 
 Launches go through `launch.launch` (a cached direct launch) rather than `kernel[grid](...)`.
 
@@ -787,6 +788,8 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     if has_down:
         if c is not None:
             raise ValueError("gemm_lora_tma: pass c or down, not both")
+        # An fp32 A is cast first: loading it in fp32 in the K-loop and rounding there made the forward 3-5% slower
+        # than this cast launch on an H200 (benchmarks/RESULTS.md).
         if down.dtype != a.dtype or not down.is_contiguous() or down.data_ptr() % 16:
             down = down.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
         c = torch.empty((M, down.shape[0]), device=a.device, dtype=out_dtype)
