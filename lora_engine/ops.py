@@ -260,12 +260,13 @@ class LoRALinearFunction(torch.autograd.Function):
         # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
-        path = _fused_gemm(dy2, weight.t(), masked=seed is not None) if need_x else None
+        w_t = weight.t()  # (in, out): dx = dy·W reads W through strides
+        path = _fused_gemm(dy2, w_t, masked=seed is not None) if need_x else None
         if path:
             # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
             # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).
             gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora
-            dx = gemm(dy2, weight.t(), None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
+            dx = gemm(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
                       da=da if need_a else None, da_x=x2).view(x_shape)
         else:
             # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.

@@ -642,11 +642,10 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
 
 def _tma_ready(t: torch.Tensor) -> bool:
     """A 2-D tensor a TMA descriptor can address: one unit stride, 16-byte aligned base and row stride."""
-    size = t.element_size()
-    unit = 1 if t.stride(1) == 1 else (0 if t.stride(0) == 1 else None)
-    if unit is None or t.data_ptr() % 16:
+    s0, s1 = t.stride()
+    if (s1 != 1 and s0 != 1) or t.data_ptr() % 16:
         return False
-    return (t.stride(1 - unit) * size) % 16 == 0
+    return ((s0 if s1 == 1 else s1) * t.element_size()) % 16 == 0
 
 
 @functools.cache
