@@ -99,7 +99,8 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 #             kernel on Hopper (which also takes dA in the backward, and xa in the forward where that
 #             pays), a pointer-based kernel elsewhere;
 #   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
-#             multiply-adds; with a dropout-masked dx term, a K-loop of at least _MASKED_MIN_K), else
+#             multiply-adds; with a dropout-masked dx term, a K-loop of at least _MASKED_MIN_K and a rank of
+#             at most _MASKED_MAX_RANK), else
 #             "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of cuBLAS alone, which
 #             saves the extra write and read of the LoRA term; the pointer kernel is 1.1-1.3x slower than
 #             cuBLAS (benchmarks/RESULTS.md).
@@ -109,8 +110,10 @@ _TRITON_MIN_MACS = 1 << 30
 # With a dropout mask on dx's LoRA term the TMA kernel generates the mask in its epilogue, where nothing
 # overlaps it: on an H100 that paid only with a long K-loop to hide behind (dy of 14336 columns: 1.11x of
 # cuBLAS, against 1.15x for the cuBLAS path; at 4096 columns 1.31x against 1.27x). Rechecked on an H200 with dA
-# summed over row-block units, whole op at p=.05: a tie at 4096 columns, a loss at 1024 (benchmarks/RESULTS.md).
+# summed over row-block units, whole op at p=.05: a tie at 4096 columns, a loss at 1024; at 14336 columns a tie at
+# ranks 16 and 32 and a loss at 64 (1.22-1.24x of the base against 1.16-1.17x; benchmarks/RESULTS.md).
 _MASKED_MIN_K = 8192
+_MASKED_MAX_RANK = 32
 
 
 def set_base_gemm(name: str) -> None:
@@ -121,16 +124,16 @@ def set_base_gemm(name: str) -> None:
     _base_gemm = name
 
 
-def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool = False) -> str | None:
-    """How a · bᵀ (+ the LoRA term, masked by dropout when `masked`) runs: "tma" (the persistent TMA kernel),
-    "pointer" (the pointer-based fused kernel) or None (the cuBLAS path)."""
+def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool = False, rank: int = 0) -> str | None:
+    """How a · bᵀ (+ the LoRA term of `rank`, masked by dropout when `masked`) runs: "tma" (the persistent TMA
+    kernel), "pointer" (the pointer-based fused kernel) or None (the cuBLAS path)."""
     from lora_engine.kernels import lora_linear as K
 
     if _base_gemm == "cublas":
         return None
     if _base_gemm == "triton":
         return "tma" if K.tma_gemm_available(a, b) else "pointer"
-    if masked and a.shape[1] < _MASKED_MIN_K:
+    if masked and (a.shape[1] < _MASKED_MIN_K or rank > _MASKED_MAX_RANK):
         return None
     if a.shape[0] * a.shape[1] * b.shape[0] >= _TRITON_MIN_MACS and K.tma_gemm_available(a, b):
         return "tma"
@@ -261,7 +264,7 @@ class LoRALinearFunction(torch.autograd.Function):
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
         w_t = weight.t()  # (in, out): dx = dy·W reads W through strides
-        path = _fused_gemm(dy2, w_t, masked=seed is not None) if need_x else None
+        path = _fused_gemm(dy2, w_t, masked=seed is not None, rank=R) if need_x else None
         if path:
             # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
             # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).

@@ -280,7 +280,8 @@ def test_tma_gemm_refuses_conflicting_lora_operands():
 
 def test_auto_fuses_large_aligned_gemms(monkeypatch):
     """"auto" runs one Triton GEMM (the TMA kernel) at TMA-aligned shapes of at least `_TRITON_MIN_MACS`;
-    with a dropout-masked LoRA term only for a K-loop of at least `_MASKED_MIN_K`. On that path the forward
+    with a dropout-masked LoRA term only for a K-loop of at least `_MASKED_MIN_K` and a rank of at most
+    `_MASKED_MAX_RANK`. On that path the forward
     computes xa inside the GEMM when there is no dropout mask and `down_in_gemm` says it pays, and the
     backward takes dA in the dx GEMM's epilogue: no separate xa or dA pass runs. The op matches fp64 on every path."""
     from lora_engine import ops
@@ -310,6 +311,11 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
         monkeypatch.setattr(ops, "_MASKED_MIN_K", 0)
         assert ops._fused_gemm(a, b, masked=True)
         assert passes(0.2) == ["lora_down", "lora_dy"]
+        assert ops._fused_gemm(a, b, masked=True, rank=32) and not ops._fused_gemm(a, b, masked=True, rank=33)
+        assert ops._fused_gemm(a, b, rank=64)  # the rank limit is the masked term's only
+        x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 40, torch.float32, seed=6)  # rank 40 > _MASKED_MAX_RANK
+        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a"]
+        x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
         monkeypatch.setattr(K, "_DOWN_IN_GEMM_MAX_BLOCKS", 0)  # xa as its own pass, the GEMM adds xa·Bᵀ
         assert passes(0.0) == ["lora_down", "lora_dy"]
         set_base_gemm("cublas")
