@@ -6,7 +6,7 @@ replay), × the frozen base, the three alternating, at 8192×4096→14336 (dx's 
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import make  # benchmarks/ is sys.path[0] when this script runs
+from bench_kernels import fwd_bwd, make  # benchmarks/ is sys.path[0] when this script runs
 from profile_gemm import gpu_ms
 
 from lora_engine import ops
@@ -14,21 +14,13 @@ from lora_engine import ops
 
 def row(m, k, n, r):
     x, w, a, b, dy = make(m, k, n, r, lora_dtype=torch.float32)
-
-    def step(fn, params):
-        def f():
-            for t in params:
-                t.grad = None
-            fn().backward(dy)
-        return f
-
-    base = gpu_ms(step(lambda: F.linear(x, w), [x]))
+    base = gpu_ms(fwd_bwd(lambda: F.linear(x, w), x, [x], dy))
     cells = []
     rules = ops._MASKED_MIN_K, ops._MASKED_MAX_RANK
     for _ in range(2):
         for min_k, max_rank in ((0, 1 << 30), (1 << 30, 0), rules):
             ops._MASKED_MIN_K, ops._MASKED_MAX_RANK = min_k, max_rank
-            ms = gpu_ms(step(lambda: ops.lora_linear(x, w, None, a, b, 2.0, 0.05), [x, a, b]))
+            ms = gpu_ms(fwd_bwd(lambda: ops.lora_linear(x, w, None, a, b, 2.0, 0.05), x, [x, a, b], dy))
             cells.append(f"{ms:.3f} ({ms / base:.2f})")
     ops._MASKED_MIN_K, ops._MASKED_MAX_RANK = rules
     print(f"| {m}x{k}->{n} | {r} | {base:.3f} | " + " | ".join(cells) + " |", flush=True)
