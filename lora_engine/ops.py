@@ -111,7 +111,7 @@ _TRITON_MIN_MACS = 1 << 30
 # overlaps it: on an H100 that paid only with a long K-loop to hide behind (dy of 14336 columns: 1.11x of
 # cuBLAS, against 1.15x for the cuBLAS path; at 4096 columns 1.31x against 1.27x). Rechecked on an H200 with dA
 # summed over row-block units, whole op at p=.05: a tie at 4096 columns, a loss at 1024; at 14336 columns a tie at
-# ranks 16 and 32 and a loss at 64 (1.22-1.24x of the base against 1.16-1.17x; benchmarks/RESULTS.md).
+# ranks 16 and 32 and a loss at 64 (1.21-1.24x of the base against 1.15-1.17x; benchmarks/RESULTS.md).
 _MASKED_MIN_K = 8192
 _MASKED_MAX_RANK = 32
 

@@ -259,9 +259,12 @@ def test_tma_descriptors_are_validated_copies_that_keep_no_tensor():
     fresh = TensorDescriptor(t, [48, 40], [40, 1], [16, 8])
     assert type(copy) is TensorDescriptor and copy.base is t
     assert {k: v for k, v in vars(copy).items() if k != "base"} == {k: v for k, v in vars(fresh).items() if k != "base"}
-    assert K._descriptor(t.half(), (48, 40), (40, 1), (16, 8)).base.dtype == torch.float16  # dtype is in the key
     with pytest.raises(ValueError, match="power of 2"):  # the first of a kind still runs Triton's checks
         K._descriptor(t, (48, 40), (40, 1), (16, 12))
+    narrow = torch.randn(48, 4)  # 16-byte rows in fp32, 8-byte rows in fp16: the dtype is part of the key
+    K._descriptor(narrow, (48, 4), (4, 1), (16, 4))
+    with pytest.raises(AssertionError, match="16-byte"):
+        K._descriptor(narrow.half(), (48, 4), (4, 1), (16, 4))
 
 
 def test_tma_gemm_refuses_conflicting_lora_operands():
@@ -274,6 +277,10 @@ def test_tma_gemm_refuses_conflicting_lora_operands():
                         config=K._tma_config() | dict(CHUNK_M=2))
     with pytest.raises(ValueError, match="pass c or down, not both"):
         K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, down=torch.randn(4, 32))
+    with pytest.raises(ValueError, match=r"down must be \(R, 32\)"):
+        K.gemm_lora_tma(a, b, None, None, torch.randn(24, 4), 1.0, a.dtype, down=torch.randn(4, 40))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        K.gemm_lora_tma(a, b, None, None, None, 1.0, a.dtype, config=K._tma_config() | dict(EPI_SPLT=2))
     with pytest.raises(ValueError, match="da needs the LoRA operands"):
         K.gemm_lora_tma(a, b, None, None, None, 1.0, a.dtype, da=torch.zeros(4, 24), da_x=torch.randn(16, 24))
 

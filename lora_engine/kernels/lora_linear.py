@@ -32,7 +32,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:  # host-side TMA descriptors (newer triton); without them the TMA GEMM is simply not available
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from lora_engine.kernels.launch import INTERPRET as _INTERPRET
 from lora_engine.kernels.launch import cdiv, launch, next_power_of_2, num_sms
@@ -657,7 +661,7 @@ def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), no empty operand, a
     with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte multiples.
     False while torch.compile traces: Dynamo cannot trace the data pointers' alignment."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or TensorDescriptor is None:
         return False
     if not (_INTERPRET or _has_tma(a.device)) or a.numel() == 0 or b.numel() == 0:
         return False
@@ -759,6 +763,10 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
         raise ValueError("gemm_lora_tma: units of rows (CHUNK_M > 1) sum dA's shares: they need da and da_x")
     if chunk_m > 1 and (has_down or chunk > 1):
         raise ValueError("gemm_lora_tma: units of rows (CHUNK_M, with da) and of columns (CHUNK_N) exclude each other")
+    unknown = set(cfg) - {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT"}
+    if unknown:
+        raise ValueError(f"gemm_lora_tma: unknown config keys {sorted(unknown)}; it takes BLOCK_M, BLOCK_N, BLOCK_K, "
+                         "GROUP_M, EPI_SPLIT, CHUNK_N, CHUNK_M, num_warps, num_stages and programs_per_sm")
     programs = min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk))
     r_pad = _rank_pad(R)
     constexprs = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=masked,
@@ -787,6 +795,8 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     if has_down:
         if c is not None:
             raise ValueError("gemm_lora_tma: pass c or down, not both")
+        if down.dim() != 2 or down.shape[1] != K:
+            raise ValueError(f"gemm_lora_tma: down must be (R, {K}) to match a's {K} columns, got {tuple(down.shape)}")
         # An fp32 A is cast first: loading it in fp32 in the K-loop and rounding there made the forward 3-5% slower
         # than this cast launch on an H200 (benchmarks/RESULTS.md).
         if down.dtype != a.dtype or not down.is_contiguous() or down.data_ptr() % 16:
