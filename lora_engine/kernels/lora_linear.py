@@ -736,20 +736,17 @@ def _descriptor(t: torch.Tensor, shape: tuple, strides: tuple, block: tuple) -> 
                 _DESCRIPTORS.clear()
             _DESCRIPTORS[key] = dict(vars(desc), base=None)  # no reference to t kept
         return desc
-    desc = _new_descriptor(TensorDescriptor)
+    desc = object.__new__(TensorDescriptor)
     desc.__dict__.update(fields)
     desc.base = t
     return desc
 
 
-_new_descriptor = object.__new__
-
-
 @functools.lru_cache(maxsize=1024)
 def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, config: tuple | None) -> tuple:
     """Everything of a `gemm_lora_tma` launch that the shapes, flags and config decide (host time: computed once):
-    (constexprs in signature order, num_warps, num_stages, programs, (BLOCK_M, BLOCK_N, BLOCK_K, out block N),
-    R_PAD). flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
+    (constexprs in signature order, num_warps, num_stages).
+    flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
     has_bias, has_lora, has_down, masked, has_da, rows_out, upcast, precision = flags
     cfg = dict(config) if config is not None else _tma_config(masked=masked)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -767,13 +764,12 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
     if unknown:
         raise ValueError(f"gemm_lora_tma: unknown config keys {sorted(unknown)}; it takes BLOCK_M, BLOCK_N, BLOCK_K, "
                          "GROUP_M, EPI_SPLIT, CHUNK_N, CHUNK_M, num_warps, num_stages and programs_per_sm")
-    programs = min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk))
-    r_pad = _rank_pad(R)
     constexprs = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=masked,
-                      HAS_GRAD_A=has_da, B_ROWS_OUT=rows_out, UPCAST=upcast, PRECISION=precision, R_PAD=r_pad,
+                      HAS_GRAD_A=has_da, B_ROWS_OUT=rows_out, UPCAST=upcast, PRECISION=precision, R_PAD=_rank_pad(R),
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EPI_SPLIT=cfg["EPI_SPLIT"],
-                      CHUNK_N=chunk, CHUNK_M=chunk_m, NUM_PROGRAMS=programs)
-    return constexprs, num_warps, num_stages, programs, (bm, bn, bk, bn // cfg["EPI_SPLIT"]), r_pad
+                      CHUNK_N=chunk, CHUNK_M=chunk_m,
+                      NUM_PROGRAMS=min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk)))
+    return constexprs, num_warps, num_stages
 
 
 def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
@@ -809,19 +805,21 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     rows_out = b.stride(1) == 1
     flags = (bias is not None, has_lora, has_down, mask_seed is not None, da is not None, rows_out,
              _upcast(a.dtype), _precision(a.dtype))
-    constexprs, num_warps, num_stages, programs, (bm, bn, bk, bn_out), r_pad = _tma_plan(
+    constexprs, num_warps, num_stages = _tma_plan(
         M, N, K, R, flags, num_sms(a.device, 4), tuple(config.items()) if config else None)
+    bm, bn, bk = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     b_desc = (_descriptor(b, (N, K), (b.stride(0), 1), (bn, bk)) if rows_out
               else _descriptor(b.t(), (K, N), (b.stride(1), 1), (bk, bn)))
     # A single row is contiguous whatever its row stride, but TMA reads the stride: pass the dense one.
-    down_desc = _descriptor(down, (R, K), (K, 1), (r_pad, bk)) if has_down else None
+    down_desc = _descriptor(down, (R, K), (K, 1), (constexprs["R_PAD"], bk)) if has_down else None
     c_ = c if has_lora else a
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
     launch(
-        _gemm_lora_tma_kernel, (programs,),
-        (_descriptor(a, (M, K), (a.stride(0), 1), (bm, bk)), b_desc, _descriptor(out, (M, N), (N, 1), (bm, bn_out)),
+        _gemm_lora_tma_kernel, (constexprs["NUM_PROGRAMS"],),
+        (_descriptor(a, (M, K), (a.stride(0), 1), (bm, bk)), b_desc,
+         _descriptor(out, (M, N), (N, 1), (bm, bn // constexprs["EPI_SPLIT"])),
          down_desc, bias if bias is not None else out, c_, d_, x_, da if da is not None else out,
          M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), x_.stride(0), x_.stride(1),
          float(scale), mask_seed if mask_seed is not None else out, threshold),
