@@ -116,17 +116,6 @@ _MASKED_MIN_K = 8192
 _MASKED_MAX_RANK = 32
 
 
-# The backward's g = dy·B, dB and db: in the TMA dx GEMM's K-loop (from the dy tiles it loads; one launch and no pass
-# of lora_dy's over dy) up to this many multiply-adds of dx = dy·W, else lora_dy first. Every tile of a row block
-# computes g, so the extra MMA grows with the column blocks; measured on an H200 (benchmarks/RESULTS.md).
-_UP_IN_GEMM_MAX_MACS = 1 << 62
-
-
-def _up_in_gemm(M: int, N: int, K: int) -> bool:
-    """Whether the TMA dx GEMM (M rows, a K-loop of N, K columns) computes g, dB and db itself."""
-    return M * N * K <= _UP_IN_GEMM_MAX_MACS
-
-
 def set_base_gemm(name: str) -> None:
     """Choose how lora_linear runs the base GEMM: "auto" (default), "cublas" or "triton" (fully fused)."""
     global _base_gemm
@@ -209,22 +198,20 @@ def lora_linear_reference(
     return y + scaling * F.linear(F.linear(xd, lora_a.to(x.dtype)), lora_b.to(x.dtype))
 
 
-def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device, need_g: bool = True) -> tuple:
-    """Zeroed fp32 buffers for the atomically reduced results of backward: g (M, R) or None (when the dx GEMM
-    computes g itself), dB (N, R), dA (R, K), dbias (N,) or None, and dB and dA as one flat tensor (or None). In
-    eager they are views of one workspace (one fill launch; dB and dA adjacent, so one cast converts both). Under
-    torch.compile each is its own tensor: Inductor's handling of Triton kernels that mutate several views of one
-    buffer gave wrong dA and dB (torch 2.11, measured on an H100; tests/test_lora_linear.py checks the compiled
-    gradients)."""
+def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device) -> tuple:
+    """Zeroed fp32 buffers for the atomically reduced results of backward: g (M, R), dB (N, R), dA (R, K),
+    dbias (N,) or None, and dB and dA as one flat tensor (or None). In eager they are views of one workspace
+    (one fill launch; dB and dA adjacent, so one cast converts both). Under torch.compile each is its own
+    tensor: Inductor's handling of Triton kernels that mutate several views of one buffer gave wrong dA and dB
+    (torch 2.11, measured on an H100; tests/test_lora_linear.py checks the compiled gradients)."""
     if torch.compiler.is_compiling():
         zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)
-        return (zeros(M, R) if need_g else None), zeros(N, R), zeros(R, K), (zeros(N) if need_bias else None), None
-    o_da, o_bias = N * R, N * R + R * K
-    o_g = o_bias + (N if need_bias else 0)
-    ws = torch.zeros(o_g + (M * R if need_g else 0), device=device, dtype=torch.float32)
+        return zeros(M, R), zeros(N, R), zeros(R, K), (zeros(N) if need_bias else None), None
+    o_db, o_da, o_bias = M * R, M * R + N * R, M * R + N * R + R * K
+    ws = torch.zeros(o_bias + (N if need_bias else 0), device=device, dtype=torch.float32)
     view = ws.as_strided  # one call a view (split and view: three calls for two)
-    return (view((M, R), (R, 1), o_g) if need_g else None, view((N, R), (R, 1)), view((R, K), (K, 1), o_da),
-            view((N,), (1,), o_bias) if need_bias else None, view((N * R + R * K,), (1,)))
+    return (view((M, R), (R, 1)), view((N, R), (R, 1), o_db), view((R, K), (K, 1), o_da),
+            view((N,), (1,), o_bias) if need_bias else None, view((N * R + R * K,), (1,), o_db))
 
 
 def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
@@ -272,34 +259,26 @@ class LoRALinearFunction(torch.autograd.Function):
         if dy2.dtype != x2.dtype:
             dy2 = dy2.to(x2.dtype)
         (M, K_in), N, R = x2.shape, dy2.shape[1], a.shape[0]
+        g, db, da, dbias, db_da = _grad_buffers(M, N, R, K_in, need_bias, dy.device)
+        # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
+        K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
+        dx = None
         w_t = weight.t()  # (in, out): dx = dy·W reads W through strides
         path = _fused_gemm(dy2, w_t, masked=seed is not None, rank=R) if need_x else None
-        up_in_gemm = path == "tma" and _up_in_gemm(M, N, K_in)
-        g, db, da, dbias, db_da = _grad_buffers(M, N, R, K_in, need_bias, dy.device, need_g=not up_in_gemm)
-        dx = None
-        if up_in_gemm:
-            # One launch: g = scaling·keep·dy·B in the K-loop of dx = dy·W + mask ⊙ (g·A), dB and db from the same dy
-            # tiles, dA in the epilogue.
-            dx = K.gemm_lora_tma(dy2, w_t, None, None, a.t(), g_scale, x2.dtype, mask_seed=seed, threshold=threshold,
-                                 da=da if need_a else None, da_x=x2, up=b, up_xa=xa, db=db if need_b else None,
-                                 dbias=dbias).view(x_shape)
+        if path:
+            # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
+            # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).
+            gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora
+            dx = gemm(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
+                      da=da if need_a else None, da_x=x2).view(x_shape)
         else:
-            # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
-            K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
-            if path:
-                # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
-                # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).
-                gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora
-                dx = gemm(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
-                          da=da if need_a else None, da_x=x2).view(x_shape)
-            else:
-                # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.
-                if need_x:
-                    dx = torch.empty((M, K_in), device=dy.device, dtype=x2.dtype)
-                if need_x or need_a:
-                    K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, lora_a=a, dx=dx)
-                if need_x:
-                    dx = dx.addmm_(dy2, weight).view(x_shape)
+            # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.
+            if need_x:
+                dx = torch.empty((M, K_in), device=dy.device, dtype=x2.dtype)
+            if need_x or need_a:
+                K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, lora_a=a, dx=dx)
+            if need_x:
+                dx = dx.addmm_(dy2, weight).view(x_shape)
         if need_a and need_b and db_da is not None and a.dtype == b.dtype != torch.float32:
             both = db_da.to(a.dtype)  # one cast launch for both
             db, da = both.as_strided((N, R), (R, 1)), both.as_strided((R, K_in), (K_in, 1), N * R)

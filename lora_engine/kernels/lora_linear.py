@@ -212,18 +212,15 @@ def _add_da(da_ptr, da_t, n0, N, R, R_PAD: tl.constexpr, PART_N: tl.constexpr):
 
 @triton.jit
 def _tma_mainloop(
-    a_desc, b_desc, down_desc, up_ptr, stride_un, stride_ur, pid_m, pid_n, K, R,
-    WITH_DOWN: tl.constexpr, WITH_UP: tl.constexpr, B_ROWS_OUT: tl.constexpr,
+    a_desc, b_desc, down_desc, pid_m, pid_n, K,
+    WITH_DOWN: tl.constexpr, B_ROWS_OUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The K-loop of one output tile: acc = a[rows] · b[cols]ᵀ (fp32), and from the same a tiles, with WITH_DOWN
-    xa = a[rows] · down[:, K]ᵀ (down by TMA), with WITH_UP xa = a[rows] · up[K, :] (up by pointers, any strides
-    and dtype, rounded to a's: the backward's g = dy · B)."""
+    """The K-loop of one output tile: acc = a[rows] · b[cols]ᵀ (fp32), and with WITH_DOWN also
+    xa = a[rows] · down[:, K]ᵀ from the same a tiles."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
     for ki in range(tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
         if B_ROWS_OUT:
@@ -235,43 +232,8 @@ def _tma_mainloop(
             b = b.to(tl.float32)
         if WITH_DOWN:
             xa = tl.dot(a, down_desc.load([0, ki * BLOCK_K]).to(a.dtype).T, xa, input_precision=PRECISION)
-        if WITH_UP:
-            ks = ki * BLOCK_K + offs_k
-            up = tl.load(up_ptr + ks[:, None] * stride_un + offs_r[None, :] * stride_ur,
-                         mask=(ks < K)[:, None] & (offs_r < R)[None, :], other=0.0)
-            xa = tl.dot(a, up.to(a.dtype), xa, input_precision=PRECISION)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc, xa
-
-
-@triton.jit
-def _tma_up_grads(
-    a_desc, pid_m, pid_n, num_n, M, K, R, xa_ptr, stride_xam, stride_xar, db_ptr, dbias_ptr,
-    HAS_DB: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """db[ks] += a[rows, ks]ᵀ · xa[rows] (fp32, (K, R) contiguous) and dbias[ks] += Σ_rows a[rows, ks], for the
-    K-steps ki ≡ pid_n (mod num_n): the tiles of a row block share its K-steps out, so each (row block, K-step)
-    is counted once. The a tiles are loaded again (from L2: the K-loop has just read them)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R_PAD)
-    offs_k = tl.arange(0, BLOCK_K)
-    if HAS_DB:
-        xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0.0)
-    if HAS_DB or HAS_BIAS_GRAD:
-        for ki in range(pid_n, tl.cdiv(K, BLOCK_K), num_n):
-            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            ks = ki * BLOCK_K + offs_k
-            if HAS_DB:
-                if UPCAST:
-                    part = tl.dot(tl.trans(a.to(tl.float32)), xa.to(tl.float32), input_precision=PRECISION)
-                else:
-                    part = tl.dot(tl.trans(a), xa.to(a.dtype), input_precision=PRECISION)
-                tl.atomic_add(db_ptr + ks[:, None] * R + offs_r[None, :], part,
-                              mask=(ks < K)[:, None] & (offs_r < R)[None, :], sem="relaxed")
-            if HAS_BIAS_GRAD:
-                tl.atomic_add(dbias_ptr + ks, tl.sum(a.to(tl.float32), axis=0), mask=ks < K, sem="relaxed")
 
 
 @triton.jit
@@ -341,13 +303,12 @@ def _tma_tile_epilogue(
 
 @triton.jit
 def _gemm_lora_tma_kernel(
-    a_desc, b_desc, out_desc, down_desc, bias_ptr, c_ptr, d_ptr, x_ptr, da_ptr, up_ptr, xa_ptr, db_ptr, dbias_ptr,
+    a_desc, b_desc, out_desc, down_desc, bias_ptr, c_ptr, d_ptr, x_ptr, da_ptr,
     M, N, K, R,
-    stride_cm, stride_cr, stride_dn, stride_dr, stride_xm, stride_xn, stride_un, stride_ur, stride_xam, stride_xar,
+    stride_cm, stride_cr, stride_dn, stride_dr, stride_xm, stride_xn,
     scale, seed_ptr, threshold,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DOWN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_GRAD_A: tl.constexpr, HAS_UP: tl.constexpr, HAS_DB: tl.constexpr, HAS_BIAS_GRAD: tl.constexpr,
-    B_ROWS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GRAD_A: tl.constexpr, B_ROWS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr, CHUNK_N: tl.constexpr, CHUNK_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
@@ -359,10 +320,6 @@ def _gemm_lora_tma_kernel(
     loads, and the first column block stores it to c_ptr (M, R). The tiles are walked in units of CHUNK_N
     consecutive column blocks of one row block: c is computed in a unit's first tile and reused by the others
     (ceil(N / BLOCK_N) / CHUNK_N computations per row block instead of one per tile).
-    HAS_UP (backward dx): c is computed as c = a · up[K, R] (g = dy · B) from the a tiles, like HAS_DOWN's (in every
-    tile when the walk is in units of rows), and not stored. With HAS_DB, db[K, R] (fp32) += aᵀ · xa[M, R] (dB) and
-    with HAS_BIAS_GRAD dbias[K] += Σ_m a (db), each row block's K-steps shared out among its tiles
-    (`_tma_up_grads`): the backward needs no pass of its own over dy.
     HAS_DROPOUT (backward dx): the LoRA term is multiplied by the keep-mask of an (M, N) tensor.
     HAS_GRAD_A (backward dx): da[R, N] (fp32) += c'ᵀ · (mask ⊙ x[M, N]), from x tiles loaded in the epilogue:
     the dA pass over x rides on the dx GEMM. With CHUNK_M > 1 (HAS_GRAD_A only) the tiles are walked in units of
@@ -391,14 +348,9 @@ def _gemm_lora_tma_kernel(
             da3 = da0
             for i in range(0, min(CHUNK_M, num_m - row_chunk * CHUNK_M)):
                 pid_m = row_chunk * CHUNK_M + i
-                acc, g = _tma_mainloop(a_desc, b_desc, down_desc, up_ptr, stride_un, stride_ur, pid_m, pid_n, K, R,
-                                       False, HAS_UP, B_ROWS_OUT, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
-                if HAS_UP:
-                    c_op = (g * scale).to(op_dtype)
-                    _tma_up_grads(a_desc, pid_m, pid_n, num_n, M, K, R, xa_ptr, stride_xam, stride_xar, db_ptr,
-                                  dbias_ptr, HAS_DB, HAS_BIAS_GRAD, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_K)
-                else:
-                    c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
+                acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, False, B_ROWS_OUT, UPCAST,
+                                       PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
+                c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
                 d0, d1, d2, d3 = _tma_tile_epilogue(
                     acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
                     stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
@@ -419,8 +371,8 @@ def _gemm_lora_tma_kernel(
             pid_m, chunk = _tile_coords(unit, num_m, num_chunks, GROUP_M)
             pid_n = chunk * CHUNK_N
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            acc, xa = _tma_mainloop(a_desc, b_desc, down_desc, up_ptr, stride_un, stride_ur, pid_m, pid_n, K, R,
-                                    HAS_DOWN, HAS_UP, B_ROWS_OUT, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc, xa = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, HAS_DOWN, B_ROWS_OUT, UPCAST,
+                                    PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
             c_op = tl.zeros((BLOCK_M, R_PAD), dtype=op_dtype)
             if HAS_DOWN:
                 c_st = (xa * scale).to(c_ptr.dtype.element_ty)
@@ -428,24 +380,15 @@ def _gemm_lora_tma_kernel(
                     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr, c_st,
                              mask=(offs_m < M)[:, None] & mask_r[None, :])
                 c_op = c_st.to(op_dtype)
-            elif HAS_UP:
-                c_op = (xa * scale).to(op_dtype)
             elif HAS_LORA:
                 c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
-            if HAS_UP:
-                _tma_up_grads(a_desc, pid_m, pid_n, num_n, M, K, R, xa_ptr, stride_xam, stride_xar, db_ptr, dbias_ptr,
-                              HAS_DB, HAS_BIAS_GRAD, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_K)
             _tma_tile_epilogue(acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
                                x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT,
                                HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, False)
             if CHUNK_N > 1:
                 for j in range(1, min(CHUNK_N, num_n - pid_n)):
-                    acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, up_ptr, stride_un, stride_ur, pid_m, pid_n + j,
-                                           K, R, False, False, B_ROWS_OUT, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N,
-                                           BLOCK_K)
-                    if HAS_UP:
-                        _tma_up_grads(a_desc, pid_m, pid_n + j, num_n, M, K, R, xa_ptr, stride_xam, stride_xar, db_ptr,
-                                      dbias_ptr, HAS_DB, HAS_BIAS_GRAD, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_K)
+                    acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n + j, K, False, B_ROWS_OUT,
+                                           UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
                     _tma_tile_epilogue(acc, c_op, pid_m, pid_n + j, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn,
                                        stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
                                        HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M,
@@ -803,16 +746,15 @@ def _descriptor(t: torch.Tensor, shape: tuple, strides: tuple, block: tuple) -> 
 def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, config: tuple | None) -> tuple:
     """Everything of a `gemm_lora_tma` launch that the shapes, flags and config decide (host time: computed once):
     (constexprs in signature order, num_warps, num_stages).
-    flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, HAS_UP, HAS_DB, HAS_BIAS_GRAD, B_ROWS_OUT, UPCAST,
-    PRECISION)."""
-    has_bias, has_lora, has_down, masked, has_da, has_up, has_db, has_dbias, rows_out, upcast, precision = flags
+    flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
+    has_bias, has_lora, has_down, masked, has_da, rows_out, upcast, precision = flags
     cfg = dict(config) if config is not None else _tma_config(masked=masked)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     per_sm = cfg.pop("programs_per_sm", 1)
     resident *= per_sm
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m, num_n = cdiv(M, bm), cdiv(N, bn)
-    chunk = cfg.pop("CHUNK_N", _unit_blocks(num_m, num_n, resident) if has_down or (has_up and not has_da) else 1)
+    chunk = cfg.pop("CHUNK_N", _unit_blocks(num_m, num_n, resident) if has_down else 1)
     chunk_m = cfg.pop("CHUNK_M", _unit_blocks(num_n, num_m, resident) if has_da else 1)
     if chunk_m > 1 and not has_da:
         raise ValueError("gemm_lora_tma: units of rows (CHUNK_M > 1) sum dA's shares: they need da and da_x")
@@ -823,8 +765,7 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
         raise ValueError(f"gemm_lora_tma: unknown config keys {sorted(unknown)}; it takes BLOCK_M, BLOCK_N, BLOCK_K, "
                          "GROUP_M, EPI_SPLIT, CHUNK_N, CHUNK_M, num_warps, num_stages and programs_per_sm")
     constexprs = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=masked,
-                      HAS_GRAD_A=has_da, HAS_UP=has_up, HAS_DB=has_db, HAS_BIAS_GRAD=has_dbias, B_ROWS_OUT=rows_out,
-                      UPCAST=upcast, PRECISION=precision, R_PAD=_rank_pad(R),
+                      HAS_GRAD_A=has_da, B_ROWS_OUT=rows_out, UPCAST=upcast, PRECISION=precision, R_PAD=_rank_pad(R),
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EPI_SPLIT=cfg["EPI_SPLIT"],
                       CHUNK_N=chunk, CHUNK_M=chunk_m,
                       NUM_PROGRAMS=min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk)))
@@ -832,15 +773,12 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
 
 
 def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
-                  up=None, up_xa=None, db=None, dbias=None, config=None):
+                  config=None):
     """out = a · bᵀ (+ bias) + mask ⊙ (c' · dᵀ), c' = round(scale · c), through the persistent TMA kernel; the
     shapes and dtypes of `gemm_lora` (check `tma_gemm_available(a, b)` first).
 
     down: (R, K), with c None: c' = round(scale · a · downᵀ) is computed from the GEMM's own a tiles (the
     forward's xa without its pass over x); returns (out, c') with c' (M, R) of out_dtype.
-    up: (K, R), any strides and float dtype, with c None: c' = round(scale · a · up) from the a tiles, not
-    returned (the backward's g = dy · B without lora_dy's pass over dy). With it, up_xa (M, R) and db, a zeroed
-    fp32 (K, R) contiguous buffer: db += aᵀ · up_xa (dB); dbias, a zeroed fp32 (K,) buffer: dbias += Σ_m a.
     mask_seed, threshold: as `gemm_lora` (the keep-mask of an (M, N) tensor on the LoRA term).
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
     epilogue loads (backward dA beside dx).
@@ -850,11 +788,9 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     M, K = a.shape
     N = b.shape[0]
     has_down = down is not None
-    has_up = up is not None
-    if has_down or has_up:
-        if c is not None or (has_down and has_up):
-            raise ValueError("gemm_lora_tma: pass one of c, down and up")
     if has_down:
+        if c is not None:
+            raise ValueError("gemm_lora_tma: pass c or down, not both")
         if down.dim() != 2 or down.shape[1] != K:
             raise ValueError(f"gemm_lora_tma: down must be (R, {K}) to match a's {K} columns, got {tuple(down.shape)}")
         # An fp32 A is cast first: loading it in fp32 in the K-loop and rounding there made the forward 3-5% slower
@@ -862,24 +798,13 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
         if down.dtype != a.dtype or not down.is_contiguous() or down.data_ptr() % 16:
             down = down.to(a.dtype, memory_format=torch.contiguous_format, copy=True)
         c = torch.empty((M, down.shape[0]), device=a.device, dtype=out_dtype)
-    if has_up:
-        if up.dim() != 2 or up.shape[0] != K:
-            raise ValueError(f"gemm_lora_tma: up must be ({K}, R) to match a's {K} columns, got {tuple(up.shape)}")
-        R = up.shape[1]
-        if db is not None and (up_xa is None or tuple(up_xa.shape) != (M, R) or tuple(db.shape) != (K, R)
-                               or not db.is_contiguous()):
-            raise ValueError(f"gemm_lora_tma: db needs up_xa of shape ({M}, {R}) and a contiguous ({K}, {R}) db")
-        if dbias is not None and tuple(dbias.shape) != (K,):
-            raise ValueError(f"gemm_lora_tma: dbias must be ({K},), got {tuple(dbias.shape)}")
-    elif db is not None or dbias is not None:
-        raise ValueError("gemm_lora_tma: db and dbias come from up's K-loop: they need up")
-    has_lora = c is not None or has_up
+    has_lora = c is not None
     if da is not None and not has_lora:
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
-    R = up.shape[1] if has_up else c.shape[1] if has_lora else 1
+    R = c.shape[1] if has_lora else 1
     rows_out = b.stride(1) == 1
-    flags = (bias is not None, has_lora, has_down, mask_seed is not None, da is not None, has_up, db is not None,
-             dbias is not None, rows_out, _upcast(a.dtype), _precision(a.dtype))
+    flags = (bias is not None, has_lora, has_down, mask_seed is not None, da is not None, rows_out,
+             _upcast(a.dtype), _precision(a.dtype))
     constexprs, num_warps, num_stages = _tma_plan(
         M, N, K, R, flags, num_sms(a.device, 4), tuple(config.items()) if config else None)
     bm, bn, bk = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]
@@ -888,19 +813,15 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
               else _descriptor(b.t(), (K, N), (b.stride(1), 1), (bk, bn)))
     # A single row is contiguous whatever its row stride, but TMA reads the stride: pass the dense one.
     down_desc = _descriptor(down, (R, K), (K, 1), (constexprs["R_PAD"], bk)) if has_down else None
-    c_ = c if c is not None else a
+    c_ = c if has_lora else a
     d_ = d if has_lora else a
     x_ = da_x if da is not None else a
-    u_ = up if has_up else a
-    xa_ = up_xa if db is not None else a
     launch(
         _gemm_lora_tma_kernel, (constexprs["NUM_PROGRAMS"],),
         (_descriptor(a, (M, K), (a.stride(0), 1), (bm, bk)), b_desc,
          _descriptor(out, (M, N), (N, 1), (bm, bn // constexprs["EPI_SPLIT"])),
-         down_desc, bias if bias is not None else out, c_, d_, x_, da if da is not None else out, u_, xa_,
-         db if db is not None else out, dbias if dbias is not None else out,
+         down_desc, bias if bias is not None else out, c_, d_, x_, da if da is not None else out,
          M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), x_.stride(0), x_.stride(1),
-         u_.stride(0), u_.stride(1), xa_.stride(0), xa_.stride(1),
          float(scale), mask_seed if mask_seed is not None else out, threshold),
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
