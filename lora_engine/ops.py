@@ -114,6 +114,9 @@ _TRITON_MIN_MACS = 1 << 30
 # ranks 16 and 32 and a loss at 64 (1.21-1.24x of the base against 1.15-1.17x; benchmarks/RESULTS.md).
 _MASKED_MIN_K = 8192
 _MASKED_MAX_RANK = 32
+# Where the rules above send a masked dx term to the cuBLAS path but the TMA kernel runs, dA's pass writes the mask
+# as packed bits and the TMA GEMM adds the term from them (no M×in term written and read back).
+_MASK_BITS = True
 
 
 def set_base_gemm(name: str) -> None:
@@ -265,7 +268,13 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = None
         w_t = weight.t()  # (in, out): dx = dy·W reads W through strides
         path = _fused_gemm(dy2, w_t, masked=seed is not None, rank=R) if need_x else None
-        if path:
+        if path is None and seed is not None and need_x and _MASK_BITS and _fused_gemm(dy2, w_t) == "tma":
+            # dA's pass over x generates the mask anyway: it also writes it as bits (M·in/8 bytes, freed when backward
+            # returns), and the TMA GEMM reads them for dx's masked term instead of generating the mask again.
+            bits = torch.empty((M, (K_in + 7) // 8), device=dy.device, dtype=torch.uint8)
+            K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, keep_bits=bits)
+            dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_bits=bits).view(x_shape)
+        elif path:
             # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
             # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).
             gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora

@@ -221,6 +221,34 @@ def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r
     assert rel_err(da, g_op.T @ (keep * x.double())) <= TOL[torch.float32]
 
 
+@settings(max_examples=12, deadline=None)
+@given(**TMA_CASES, p=st.sampled_from([0.05, 0.5]), split=st.sampled_from([1, 2, 4]))
+def test_dropout_mask_travels_as_bits_from_grad_a_to_the_tma_gemm(m, k8, n8, r, dtype, p, split):
+    """lora_grad_a writes the keep-mask it generates for dA as bits (8 columns a byte, any width: the last byte is
+    partial), equal to `dropout_keep_mask`; the TMA GEMM reads them for dx's masked term (in 1, 2 or 4 column
+    parts) and matches fp64."""
+    n_out, k = 8 * n8, 8 * k8 + (m % 8 if dtype == torch.float32 else 0)  # fp32 rows: any width is 16-byte aligned
+    if (k * torch.finfo(dtype).bits // 8) % 16:
+        k += 8 - k % 8
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n_out + r)
+    dy = torch.randn(m, n_out, generator=gen).to(dtype)
+    w = (torch.randn(n_out, k, generator=gen) / math.sqrt(n_out)).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    gr = torch.randn(m, r, generator=gen)
+    la = torch.randn(r, k, generator=gen) / math.sqrt(k)
+    keep = dropout_keep_mask(31 + m, m, k, p)
+    bits = torch.full((m, (k + 7) // 8), 0xAA, dtype=torch.uint8)  # poisoned: every byte must be written
+    da = torch.zeros(r, k)
+    K.lora_grad_a(gr, x, 1.0, da, mask_seed=torch.tensor([31 + m]), threshold=K.dropout_threshold(p), keep_bits=bits)
+    unpacked = ((bits.to(torch.int32)[:, :, None] >> torch.arange(8)) & 1).reshape(m, -1)[:, :k].bool()
+    assert torch.equal(unpacked, keep)
+    g_op = gr.to(dtype).double()
+    assert rel_err(da, g_op.T @ (keep.double() * x.double())) <= TOL[torch.float32]
+    config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split, BLOCK_M=16)
+    dx = K.gemm_lora_tma(dy, w.t(), None, gr, la.t(), 1.0, dtype, mask_bits=bits, config=config)
+    assert rel_err(dx, dy.double() @ w.double() + keep.double() * (g_op @ la.to(dtype).double())) <= TOL[dtype]
+
+
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 100), k8=st.integers(1, 12), n8=st.integers(1, 24), r=st.integers(1, 40),
        dtype=st.sampled_from([torch.float32, torch.float16]), chunk=st.integers(1, 4))
@@ -283,6 +311,14 @@ def test_tma_gemm_refuses_conflicting_lora_operands():
         K.gemm_lora_tma(a, b, None, None, None, 1.0, a.dtype, config=K._tma_config() | dict(EPI_SPLT=2))
     with pytest.raises(ValueError, match="da needs the LoRA operands"):
         K.gemm_lora_tma(a, b, None, None, None, 1.0, a.dtype, da=torch.zeros(4, 24), da_x=torch.randn(16, 24))
+    with pytest.raises(ValueError, match=r"mask_bits must be a \(16, 3\) uint8 tensor"):
+        K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype,
+                        mask_bits=torch.zeros(16, 24, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="excludes mask_seed"):
+        K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, mask_seed=torch.tensor([1]),
+                        mask_bits=torch.zeros(16, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="needs mask_seed"):
+        K.lora_grad_a(torch.randn(16, 4), a, 1.0, torch.zeros(4, 32), keep_bits=torch.zeros(16, 4, dtype=torch.uint8))
 
 
 def test_auto_fuses_large_aligned_gemms(monkeypatch):
@@ -298,7 +334,8 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
     calls = []
     for name in ("lora_down", "lora_dy", "lora_grad_a"):
         fn = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *args, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*args, **kw))
+        monkeypatch.setattr(K, name, lambda *args, _fn=fn, _name=name, **kw: calls.append(
+            _name + (" with bits" if kw.get("keep_bits") is not None else "")) or _fn(*args, **kw))
     x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
     assert K.down_in_gemm(x.reshape(-1, 40), w, 8)
 
@@ -314,14 +351,18 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
         assert ops._fused_gemm(a, b) and not ops._fused_gemm(a, b, masked=True)  # a K-loop of 32 < 8192
         assert not ops._fused_gemm(torch.randn(64, 30), torch.randn(48, 30))
         assert passes(0.0) == ["lora_dy"]
-        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a"]  # the masked dx term: the cuBLAS path
+        # the masked dx term from the mask dA's pass writes as bits; without them, the cuBLAS path
+        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a with bits"]
+        monkeypatch.setattr(ops, "_MASK_BITS", False)
+        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a"]
+        monkeypatch.setattr(ops, "_MASK_BITS", True)
         monkeypatch.setattr(ops, "_MASKED_MIN_K", 0)
         assert ops._fused_gemm(a, b, masked=True)
         assert passes(0.2) == ["lora_down", "lora_dy"]
         assert ops._fused_gemm(a, b, masked=True, rank=32) and not ops._fused_gemm(a, b, masked=True, rank=33)
         assert ops._fused_gemm(a, b, rank=64)  # the rank limit is the masked term's only
         x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 40, torch.float32, seed=6)  # rank 40 > _MASKED_MAX_RANK
-        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a"]
+        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a with bits"]
         x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
         monkeypatch.setattr(K, "_DOWN_IN_GEMM_MAX_BLOCKS", 0)  # xa as its own pass, the GEMM adds xa·Bᵀ
         assert passes(0.0) == ["lora_down", "lora_dy"]
@@ -473,6 +514,34 @@ def test_gpu_fp32_adapters_in_the_forward_gemm(dtype, r):
     _poison_cache()
     outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=0.0)
     assert_close(outs, refs, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1000, 520, 1800, 7), (4104, 1032, 4096, 64), (333, 1032, 2056, 1),
+                                   (8200, 1024, 4104, 16)])
+def test_gpu_dropout_mask_as_bits(dtype, shape):
+    """lora_grad_a's bits equal the reference mask and the TMA GEMM's dx from them matches fp64, at Hopper tile sizes
+    and odd shapes, on a poisoned cache."""
+    m, n_out, k, r = shape
+    gen = torch.Generator(device="cuda").manual_seed(m + r)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, device="cuda", dtype=dt, generator=gen)
+    dy, w, x = rnd(m, n_out), rnd(n_out, k) / math.sqrt(n_out), rnd(m, k)
+    g, la = rnd(m, r, dt=torch.float32), rnd(r, k, dt=torch.float32) / math.sqrt(k)
+    if not K.tma_gemm_available(dy, w.t()):
+        pytest.skip("the TMA GEMM runs on Hopper or newer")
+    _poison_cache()
+    keep = dropout_keep_mask(3 + m, m, k, 0.05, device="cuda")
+    bits = torch.empty(m, (k + 7) // 8, device="cuda", dtype=torch.uint8)
+    da = torch.zeros(r, k, device="cuda")
+    K.lora_grad_a(g, x, 1.0, da, mask_seed=torch.tensor([3 + m], device="cuda"), threshold=K.dropout_threshold(0.05),
+                  keep_bits=bits)
+    unpacked = ((bits.to(torch.int32)[:, :, None] >> torch.arange(8, device="cuda")) & 1).reshape(m, -1)[:, :k]
+    assert torch.equal(unpacked.bool(), keep)
+    dx = K.gemm_lora_tma(dy, w.t(), None, g, la.t(), 1.0, dtype, mask_bits=bits)
+    g_op = g.to(dtype).double()
+    assert rel_err(dx, dy.double() @ w.double() + keep.double() * (g_op @ la.to(dtype).double())) <= TOL[dtype]
+    assert rel_err(da, g_op.T @ (keep.double() * x.double())) <= TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -93,6 +93,23 @@ def _keep_mask(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len, threshold)
 
 
 @triton.jit
+def _keep_bits(bits_ptr, stride_bits, offs_m, n0, PART_N: tl.constexpr, M, N):
+    """The keep-mask of rows offs_m, columns n0 + [0, PART_N) from packed bits (M, ceil(N / 8)) uint8: column c is
+    bit c % 8 of byte c // 8 (as `_pack_keep` writes them)."""
+    offs_n = n0 + tl.arange(0, PART_N)
+    byte = tl.load(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + (offs_n // 8)[None, :],
+                   mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0)
+    return ((byte.to(tl.int32) >> (offs_n % 8)[None, :]) & 1) != 0
+
+
+@triton.jit
+def _pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A (BLOCK_M, BLOCK_K) keep-mask as (BLOCK_M, BLOCK_K // 8) bytes, column c in bit c % 8 of byte c // 8."""
+    lanes = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8)) << tl.arange(0, 8)[None, None, :]
+    return tl.sum(lanes, axis=2).to(tl.uint8)
+
+
+@triton.jit
 def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a linear tile index in grouped order: GROUP_M row-tiles share b's tiles in L2."""
     group = GROUP_M * num_n
@@ -179,7 +196,10 @@ def _tma_epilogue_part(
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, offs_m, n0, PART_N, N, threshold)
+        if HAS_DROPOUT == 2:
+            keep = _keep_bits(seed, threshold, offs_m, n0, PART_N, M, N)
+        else:
+            keep = _keep_mask(seed, offs_m, n0, PART_N, N, threshold)
         if HAS_LORA:
             dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
@@ -320,7 +340,9 @@ def _gemm_lora_tma_kernel(
     loads, and the first column block stores it to c_ptr (M, R). The tiles are walked in units of CHUNK_N
     consecutive column blocks of one row block: c is computed in a unit's first tile and reused by the others
     (ceil(N / BLOCK_N) / CHUNK_N computations per row block instead of one per tile).
-    HAS_DROPOUT (backward dx): the LoRA term is multiplied by the keep-mask of an (M, N) tensor.
+    HAS_DROPOUT (backward dx): the LoRA term is multiplied by the keep-mask of an (M, N) tensor: 1, the Philox mask of
+    the seed at seed_ptr (generated in the epilogue); 2, read from packed bits (`_keep_bits`) at seed_ptr, of row
+    stride `threshold` (written by `lora_grad_a`, which generated the mask for dA).
     HAS_GRAD_A (backward dx): da[R, N] (fp32) += c'ᵀ · (mask ⊙ x[M, N]), from x tiles loaded in the epilogue:
     the dA pass over x rides on the dx GEMM. With CHUNK_M > 1 (HAS_GRAD_A only) the tiles are walked in units of
     CHUNK_M consecutive row blocks of one column block, and a unit adds its summed dA shares to da once.
@@ -331,9 +353,12 @@ def _gemm_lora_tma_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     num_chunks = tl.cdiv(num_n, CHUNK_N)
     op_dtype = tl.float32 if UPCAST else a_desc.dtype
-    seed = 0
-    if HAS_DROPOUT:
+    if HAS_DROPOUT == 2:
+        seed = seed_ptr
+    elif HAS_DROPOUT == 1:
         seed = tl.load(seed_ptr)
+    else:
+        seed = 0
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
     if CHUNK_M > 1:
@@ -525,15 +550,16 @@ def _lora_dy_kernel(
 
 @triton.jit
 def _lora_grad_a_kernel(
-    g_ptr, x_ptr, da_ptr, a_ptr, dx_ptr,
+    g_ptr, x_ptr, da_ptr, a_ptr, dx_ptr, bits_ptr,
     M, K, R, m_per_split,
-    stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk, stride_bits,
     scale, seed_ptr, threshold,
-    HAS_DROPOUT: tl.constexpr, HAS_DX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_DX: tl.constexpr, HAS_BITS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """da[R, K] += scale · g[M, R]ᵀ · (mask ⊙ x[M, K]) over this program's slice of M (fp32), and,
-    with HAS_DX, dx[M, K] = scale · mask ⊙ (g · a[R, K]) from the same tiles and the same mask."""
+    with HAS_DX, dx[M, K] = scale · mask ⊙ (g · a[R, K]) from the same tiles and the same mask; with HAS_BITS
+    the mask itself, packed 8 columns a byte (`_pack_keep`) into bits[M, ceil(K / 8)]."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -561,6 +587,10 @@ def _lora_grad_a_kernel(
         if HAS_DROPOUT:
             keep = _keep_mask(seed, ms, pid_k * BLOCK_K, BLOCK_K, K, threshold)
             x = tl.where(keep, x, 0.0)
+            if HAS_BITS:
+                offs_b = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+                tl.store(bits_ptr + ms.to(tl.int64)[:, None] * stride_bits + offs_b[None, :],
+                         _pack_keep(keep, BLOCK_M, BLOCK_K), mask=m_ok[:, None] & (offs_b < (K + 7) // 8)[None, :])
         g = tl.load(g_ptr + ms.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                     mask=m_ok[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:
@@ -746,9 +776,9 @@ def _descriptor(t: torch.Tensor, shape: tuple, strides: tuple, block: tuple) -> 
 def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, config: tuple | None) -> tuple:
     """Everything of a `gemm_lora_tma` launch that the shapes, flags and config decide (host time: computed once):
     (constexprs in signature order, num_warps, num_stages).
-    flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
+    flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT (0, 1 or 2), HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
     has_bias, has_lora, has_down, masked, has_da, rows_out, upcast, precision = flags
-    cfg = dict(config) if config is not None else _tma_config(masked=masked)
+    cfg = dict(config) if config is not None else _tma_config(masked=bool(masked))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     per_sm = cfg.pop("programs_per_sm", 1)
     resident *= per_sm
@@ -772,14 +802,16 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
     return constexprs, num_warps, num_stages
 
 
-def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, da=None, da_x=None,
-                  config=None):
+def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, mask_bits=None,
+                  da=None, da_x=None, config=None):
     """out = a · bᵀ (+ bias) + mask ⊙ (c' · dᵀ), c' = round(scale · c), through the persistent TMA kernel; the
     shapes and dtypes of `gemm_lora` (check `tma_gemm_available(a, b)` first).
 
     down: (R, K), with c None: c' = round(scale · a · downᵀ) is computed from the GEMM's own a tiles (the
     forward's xa without its pass over x); returns (out, c') with c' (M, R) of out_dtype.
     mask_seed, threshold: as `gemm_lora` (the keep-mask of an (M, N) tensor on the LoRA term).
+    mask_bits: instead of mask_seed, that keep-mask as `lora_grad_a(..., keep_bits=)` packed it, (M, ceil(N / 8))
+    uint8 with unit column stride: the epilogue reads it instead of generating it.
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
     epilogue loads (backward dA beside dx).
     config: optional dict of the kernel's tile constexprs plus num_warps / num_stages (and programs_per_sm,
@@ -803,8 +835,16 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
     R = c.shape[1] if has_lora else 1
     rows_out = b.stride(1) == 1
-    flags = (bias is not None, has_lora, has_down, mask_seed is not None, da is not None, rows_out,
-             _upcast(a.dtype), _precision(a.dtype))
+    if mask_bits is not None:
+        if mask_seed is not None or tuple(mask_bits.shape) != (M, cdiv(N, 8)) or mask_bits.dtype != torch.uint8 \
+                or mask_bits.stride(1) != 1:
+            raise ValueError(f"gemm_lora_tma: mask_bits must be a ({M}, {cdiv(N, 8)}) uint8 tensor with unit column "
+                             "stride, and excludes mask_seed")
+        mask, mask_src, threshold = 2, mask_bits, mask_bits.stride(0)
+    else:
+        mask, mask_src = (1, mask_seed) if mask_seed is not None else (0, None)
+    flags = (bias is not None, has_lora, has_down, mask, da is not None, rows_out, _upcast(a.dtype),
+             _precision(a.dtype))
     constexprs, num_warps, num_stages = _tma_plan(
         M, N, K, R, flags, num_sms(a.device, 4), tuple(config.items()) if config else None)
     bm, bn, bk = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"]
@@ -822,7 +862,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
          _descriptor(out, (M, N), (N, 1), (bm, bn // constexprs["EPI_SPLIT"])),
          down_desc, bias if bias is not None else out, c_, d_, x_, da if da is not None else out,
          M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), x_.stride(0), x_.stride(1),
-         float(scale), mask_seed if mask_seed is not None else out, threshold),
+         float(scale), mask_src if mask_src is not None else out, threshold),
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     return (out, c) if has_down else out
@@ -888,13 +928,20 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
     )
 
 
-def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx=None, tiles=None):
+def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx=None, keep_bits=None, tiles=None):
     """da (R, K) += scale · gᵀ · (mask ⊙ x) into a zeroed fp32 buffer: g (M, R), x (M, K).
     With lora_a (R, K) and dx (M, K) given, also writes dx = scale · mask ⊙ (g · lora_a).
+    keep_bits: with mask_seed, an (M, ceil(K / 8)) uint8 tensor (unit column stride) that receives the mask packed
+    8 columns a byte, column c in bit c % 8 of byte c // 8 (for `gemm_lora_tma(..., mask_bits=)`).
     tiles: optional (BLOCK_M, BLOCK_K, num_warps) override, for benchmarks."""
     M, K = x.shape
     R = g.shape[1]
     has_dx = dx is not None
+    has_bits = keep_bits is not None
+    if has_bits and (mask_seed is None or keep_bits.dtype != torch.uint8 or tuple(keep_bits.shape) != (M, cdiv(K, 8))
+                     or keep_bits.stride(1) != 1):
+        raise ValueError(f"lora_grad_a: keep_bits must be a ({M}, {cdiv(K, 8)}) uint8 tensor with unit column stride, "
+                         "and needs mask_seed")
     r_pad = _rank_pad(R)
     # (32, 128, 4 warps): fastest of 7 tilings on an H200 at 8192×4096 r16 (benchmarks/sweep_grad_a.py:
     # 54.7 µs without dropout, 84.1 µs with it; the old (64, 128, 4) took 103.1 µs with dropout).
@@ -909,13 +956,14 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
     splits = cdiv(M, m_per_split)
     a_ = lora_a if has_dx else x
     dx_ = dx if has_dx else x
+    bits_ = keep_bits if has_bits else x
     launch(
         _lora_grad_a_kernel, (k_blocks, splits),
-        (g, x, da, a_, dx_, M, K, R, m_per_split,
+        (g, x, da, a_, dx_, bits_, M, K, R, m_per_split,
          g.stride(0), g.stride(1), x.stride(0), x.stride(1), a_.stride(0), a_.stride(1),
-         dx_.stride(0), dx_.stride(1),
+         dx_.stride(0), dx_.stride(1), bits_.stride(0),
          float(scale), mask_seed if mask_seed is not None else da, threshold),
-        dict(HAS_DROPOUT=mask_seed is not None, HAS_DX=has_dx, UPCAST=_upcast(x.dtype),
+        dict(HAS_DROPOUT=mask_seed is not None, HAS_DX=has_dx, HAS_BITS=has_bits, UPCAST=_upcast(x.dtype),
              PRECISION=_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k),
         num_warps=warps, num_stages=3,
     )

@@ -1,0 +1,86 @@
+"""With dropout, the backward's masked dx term three ways, whole op fwd+bwd in one run:
+- "bits": dA's pass over x (`lora_grad_a`) writes the keep-mask it generates as bits, and the TMA GEMM adds the
+  masked term from them (`ops._MASK_BITS`, where the rules below send the term to the cuBLAS path);
+- "cuBLAS path": `lora_grad_a` writes the masked term (M×in), cuBLAS adds dy·W onto it;
+- "Philox epilogue": the TMA GEMM generates the mask in its epilogue, dA beside it (what `ops._MASKED_MIN_K` and
+  `ops._MASKED_MAX_RANK` allow: long K-loops, ranks up to 32).
+"auto" is the default routing. GPU time alone (CUDA-graph replay) × the frozen base, bf16 x, fp32 adapters,
+p = .05, the variants alternating, two rounds; then eager time (`do_bench`, host included) at the host-bound shapes,
+bf16 adapters as bench_kernels.py, against PEFT-style.
+
+`python benchmarks/sweep_mask_bits.py`
+"""
+
+import torch
+import torch.nn.functional as F
+from bench_kernels import SHAPES, fwd_bwd, make, median_ms  # benchmarks/ is sys.path[0] when this script runs
+from profile_gemm import gpu_ms
+
+from lora_engine import ops
+
+RULES = (ops._MASKED_MIN_K, ops._MASKED_MAX_RANK, ops._MASK_BITS)
+NEVER = 1 << 60
+VARIANTS = {  # (_MASKED_MIN_K, _MASKED_MAX_RANK, _MASK_BITS)
+    "bits": (NEVER, 0, True),
+    "cuBLAS path": (NEVER, 0, False),
+    "Philox epilogue": (0, NEVER, False),
+    "auto": RULES,
+}
+
+
+def use(variant):
+    ops._MASKED_MIN_K, ops._MASKED_MAX_RANK, ops._MASK_BITS = VARIANTS[variant]
+
+
+def step(x, w, a, b, dy):
+    return fwd_bwd(lambda: ops.lora_linear(x, w, None, a, b, 2.0, 0.05), x, [x, a, b], dy)
+
+
+def gpu_row(m, k, n, r):
+    x, w, a, b, dy = make(m, k, n, r, lora_dtype=torch.float32)
+    base = gpu_ms(fwd_bwd(lambda: F.linear(x, w), x, [x], dy))
+    cells = []
+    for _ in range(2):
+        for variant in VARIANTS:
+            use(variant)
+            ms = gpu_ms(step(x, w, a, b, dy))
+            cells.append(f"{ms:.3f} ({ms / base:.2f})")
+    print(f"| {m}x{k}->{n} | {r} | {base:.3f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def eager_row(m, k, n, r):
+    x, w, a, b, dy = make(m, k, n, r)
+
+    def peft_style():
+        return F.linear(x, w) + 2.0 * F.linear(F.linear(F.dropout(x, 0.05), a), b)
+
+    for _ in range(3):
+        base = median_ms(fwd_bwd(lambda: F.linear(x, w), x, [x], dy))
+        cells = []
+        for variant in ("bits", "cuBLAS path"):
+            use(variant)
+            cells.append(median_ms(step(x, w, a, b, dy)))
+        cells.append(median_ms(fwd_bwd(peft_style, x, [x, a, b], dy)))
+        print(f"| {m}x{k}->{n} | {r} | {base:.3f} | " + " | ".join(f"{c:.3f} ({c / base:.2f})" for c in cells) + " |",
+              flush=True)
+
+
+def main():
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__}")
+    names = " | ".join(f"{v} (×)" for v in VARIANTS)
+    print(f"| shape | r | base ms | {names} | {names} |")
+    print("|" + " --- |" * (3 + 2 * len(VARIANTS)))
+    try:
+        for m, k, n in SHAPES:
+            for r in (16, 64):
+                gpu_row(m, k, n, r)
+        print("\n| shape | r | base ms | bits ms (×) | cuBLAS path ms (×) | PEFT-style ms (×) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for m, k, n in (SHAPES[1], SHAPES[3]):
+            eager_row(m, k, n, 16)
+    finally:
+        use("auto")
+
+
+if __name__ == "__main__":
+    main()
