@@ -65,8 +65,37 @@ def eager_row(m, k, n, r):
               flush=True)
 
 
+def kernel_row(m, k, n, r=16):
+    """The backward's two kernels alone at dx = (m, n)·(n, k): lora_grad_a (dA; with the masked term; with bits) and
+    the TMA dx GEMM (Philox epilogue with dA; from bits; unmasked), µs."""
+    from lora_engine.kernels import lora_linear as K
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    g, a = torch.randn(m, r, device="cuda"), torch.randn(r, k, device="cuda")
+    da = torch.zeros(r, k, device="cuda")
+    dx = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    bits = torch.empty(m, (k + 7) // 8, device="cuda", dtype=torch.uint8)
+    seed, t = torch.tensor([3], device="cuda"), K.dropout_threshold(0.05)
+    cases = {
+        "grad_a dA": lambda: K.lora_grad_a(g, x, 1.0, da, mask_seed=seed, threshold=t),
+        "grad_a dA+term": lambda: K.lora_grad_a(g, x, 1.0, da, mask_seed=seed, threshold=t, lora_a=a, dx=dx),
+        "grad_a dA+bits": lambda: K.lora_grad_a(g, x, 1.0, da, mask_seed=seed, threshold=t, keep_bits=bits),
+        "cuBLAS dy·W + term": lambda: dx.addmm_(dy, w),
+        "TMA Philox+dA": lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_seed=seed,
+                                                 threshold=t, da=da, da_x=x),
+        "TMA bits": lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_bits=bits),
+        "TMA unmasked": lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype),
+    }
+    print(f"{m}x{n}->{k} r{r}: " + "; ".join(f"{name} {gpu_ms(fn) * 1e3:.1f}" for name, fn in cases.items()) + " µs",
+          flush=True)
+
+
 def main():
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__}")
+    for m, k, n in SHAPES:
+        kernel_row(m, k, n)
     names = " | ".join(f"{v} (×)" for v in VARIANTS)
     print(f"| shape | r | base ms | {names} | {names} |")
     print("|" + " --- |" * (3 + 2 * len(VARIANTS)))

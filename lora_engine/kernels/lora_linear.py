@@ -73,6 +73,41 @@ def _gemm_configs():
 
 
 @triton.jit
+def _philox_groups(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len):
+    """The four 32-bit Philox outputs (`randint4x`) of each group of eight consecutive columns, for rows offs_m and
+    columns k_start + [0, BLOCK_K): counter m·ceil(row_len/8) + k//8; (len(offs_m), BLOCK_K // 8) each."""
+    groups = (row_len + 7) // 8
+    offs_g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    ctr = offs_m.to(tl.int64)[:, None] * groups + offs_g.to(tl.int64)[None, :]
+    return tl.randint4x(seed, ctr)
+
+
+@triton.jit
+def _keep_from_groups(r0, r1, r2, r3, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_M, BLOCK_K) keep-mask of `_philox_groups`' outputs: an element keeps when its 16-bit half >=
+    threshold (= round(p·2¹⁶)). Halves h0..h7 = (r0 lo, r0 hi, r1 lo, ...); three levels of join put h[4c + 2b + a] at
+    lane 4a + 2b + c of its group."""
+    lo, hi = 0xFFFF, 16
+    q0 = tl.join(tl.join(r0 & lo, r0 >> hi), tl.join(r1 & lo, r1 >> hi))
+    q1 = tl.join(tl.join(r2 & lo, r2 >> hi), tl.join(r3 & lo, r3 >> hi))
+    bits = tl.reshape(tl.join(q0, q1), (BLOCK_M, BLOCK_K))
+    return bits.to(tl.int32) >= threshold
+
+
+@triton.jit
+def _keep_bytes_from_groups(r0, r1, r2, r3, threshold):
+    """The same keep-mask packed a byte per group of eight columns (column c in bit c % 8), from the halves
+    directly: half h[4c + 2b + a] is lane 4a + 2b + c (`_keep_from_groups`)."""
+    lo, hi = 0xFFFF, 16
+    t = threshold
+    byte = ((r0 & lo) >= t).to(tl.int32) | (((r0 >> hi) >= t).to(tl.int32) << 4)
+    byte |= (((r1 & lo) >= t).to(tl.int32) << 2) | (((r1 >> hi) >= t).to(tl.int32) << 6)
+    byte |= (((r2 & lo) >= t).to(tl.int32) << 1) | (((r2 >> hi) >= t).to(tl.int32) << 5)
+    byte |= (((r3 & lo) >= t).to(tl.int32) << 3) | (((r3 >> hi) >= t).to(tl.int32) << 7)
+    return byte.to(tl.uint8)
+
+
+@triton.jit
 def _keep_mask(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len, threshold):
     """Dropout keep-mask for rows offs_m, columns k_start + [0, BLOCK_K) of an (M, row_len) tensor.
 
@@ -80,33 +115,19 @@ def _keep_mask(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len, threshold)
     columns: counter m·ceil(row_len/8) + k//8. k_start and BLOCK_K are multiples of 8, so groups
     never straddle tiles. Element keeps when its 16-bit half >= threshold (= round(p·2¹⁶)).
     """
-    groups = (row_len + 7) // 8
-    offs_g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
-    ctr = offs_m.to(tl.int64)[:, None] * groups + offs_g.to(tl.int64)[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
-    lo, hi = 0xFFFF, 16
-    # Halves h0..h7 = (r0 lo, r0 hi, r1 lo, ...); three levels of join put h[4c + 2b + a] at lane 4a + 2b + c.
-    q0 = tl.join(tl.join(r0 & lo, r0 >> hi), tl.join(r1 & lo, r1 >> hi))
-    q1 = tl.join(tl.join(r2 & lo, r2 >> hi), tl.join(r3 & lo, r3 >> hi))
-    bits = tl.reshape(tl.join(q0, q1), (offs_m.shape[0], BLOCK_K))
-    return bits.to(tl.int32) >= threshold
+    r0, r1, r2, r3 = _philox_groups(seed, offs_m, k_start, BLOCK_K, row_len)
+    return _keep_from_groups(r0, r1, r2, r3, threshold, offs_m.shape[0], BLOCK_K)
 
 
 @triton.jit
 def _keep_bits(bits_ptr, stride_bits, offs_m, n0, PART_N: tl.constexpr, M, N):
     """The keep-mask of rows offs_m, columns n0 + [0, PART_N) from packed bits (M, ceil(N / 8)) uint8: column c is
-    bit c % 8 of byte c // 8 (as `_pack_keep` writes them)."""
-    offs_n = n0 + tl.arange(0, PART_N)
-    byte = tl.load(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + (offs_n // 8)[None, :],
-                   mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0)
-    return ((byte.to(tl.int32) >> (offs_n % 8)[None, :]) & 1) != 0
-
-
-@triton.jit
-def _pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A (BLOCK_M, BLOCK_K) keep-mask as (BLOCK_M, BLOCK_K // 8) bytes, column c in bit c % 8 of byte c // 8."""
-    lanes = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8)) << tl.arange(0, 8)[None, None, :]
-    return tl.sum(lanes, axis=2).to(tl.uint8)
+    bit c % 8 of byte c // 8 (as `_keep_bytes_from_groups` packs them)."""
+    offs_b = n0 // 8 + tl.arange(0, PART_N // 8)
+    byte = tl.load(bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_b[None, :],
+                   mask=(offs_m < M)[:, None] & (offs_b < (N + 7) // 8)[None, :], other=0)
+    lanes = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(lanes, (offs_m.shape[0], PART_N)) != 0
 
 
 @triton.jit
@@ -559,7 +580,7 @@ def _lora_grad_a_kernel(
 ):
     """da[R, K] += scale · g[M, R]ᵀ · (mask ⊙ x[M, K]) over this program's slice of M (fp32), and,
     with HAS_DX, dx[M, K] = scale · mask ⊙ (g · a[R, K]) from the same tiles and the same mask; with HAS_BITS
-    the mask itself, packed 8 columns a byte (`_pack_keep`) into bits[M, ceil(K / 8)]."""
+    the mask itself, packed 8 columns a byte (`_keep_bytes_from_groups`) into bits[M, ceil(K / 8)]."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -585,12 +606,14 @@ def _lora_grad_a_kernel(
         x = tl.load(x_ptr + ms.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, ms, pid_k * BLOCK_K, BLOCK_K, K, threshold)
+            r0, r1, r2, r3 = _philox_groups(seed, ms, pid_k * BLOCK_K, BLOCK_K, K)
+            keep = _keep_from_groups(r0, r1, r2, r3, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
             if HAS_BITS:
                 offs_b = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
                 tl.store(bits_ptr + ms.to(tl.int64)[:, None] * stride_bits + offs_b[None, :],
-                         _pack_keep(keep, BLOCK_M, BLOCK_K), mask=m_ok[:, None] & (offs_b < (K + 7) // 8)[None, :])
+                         _keep_bytes_from_groups(r0, r1, r2, r3, threshold),
+                         mask=m_ok[:, None] & (offs_b < (K + 7) // 8)[None, :])
         g = tl.load(g_ptr + ms.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                     mask=m_ok[:, None] & mask_r[None, :], other=0.0)
         if UPCAST:
