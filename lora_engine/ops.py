@@ -100,7 +100,7 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 #             pays), a pointer-based kernel elsewhere;
 #   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
 #             multiply-adds; with a dropout-masked dx term, a K-loop of at least _MASKED_MIN_K and a rank of
-#             at most _MASKED_MAX_RANK), else
+#             at most _MASKED_MAX_RANK, else the mask as bits from dA's pass: _MASK_BITS), else
 #             "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of cuBLAS alone, which
 #             saves the extra write and read of the LoRA term; the pointer kernel is 1.1-1.3x slower than
 #             cuBLAS (benchmarks/RESULTS.md).
@@ -115,7 +115,9 @@ _TRITON_MIN_MACS = 1 << 30
 _MASKED_MIN_K = 8192
 _MASKED_MAX_RANK = 32
 # Where the rules above send a masked dx term to the cuBLAS path but the TMA kernel runs, dA's pass writes the mask
-# as packed bits and the TMA GEMM adds the term from them (no M×in term written and read back).
+# as packed bits and the TMA GEMM adds the term from them (no M×in term written and read back). On an H200, whole op
+# at p=.05: a tie with the cuBLAS path at rank 16 (2048²: 1.69x of the base against 1.66x), ahead at rank 64 (->1024
+# 1.92x against 2.15x, ->4096 1.29x against 1.33x, ->14336 1.15x against 1.18x; benchmarks/RESULTS.md).
 _MASK_BITS = True
 
 

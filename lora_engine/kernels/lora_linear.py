@@ -8,10 +8,13 @@ Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of d
           dA = s · gᵀ dropout(x)                    (lora_grad_a: one read of x)
           dx = dy W + s · mask ⊙ (g A)              (the LoRA term from lora_grad_a's tiles, then
                                                      cuBLAS adds dy W onto it; or gemm_lora fused,
-                                                     on Hopper with dA in the same kernel's epilogue)
+                                                     on Hopper with dA in the same kernel's epilogue,
+                                                     or with dropout the mask read as bits that
+                                                     lora_grad_a wrote beside dA)
 
 The dropout mask is Philox (`tl.randint4x`, one call per 8 consecutive elements of a row) keyed by
-a seed and the element's (row, column), so backward regenerates it instead of storing it. The seed
+a seed and the element's (row, column), so backward regenerates it instead of storing it (within backward,
+lora_grad_a may hand it to the dx GEMM as bits, M·K/8 bytes, freed when backward returns). The seed
 is a (1,) int64 device tensor the kernels load, so drawing it needs no host sync (nor a graph break
 under torch.compile).
 `keep = bits16 >= round(p · 2**16)`: an integer test, reproduced bit-for-bit by the torch reference.
