@@ -17,6 +17,7 @@ from bench_kernels import SHAPES, fwd_bwd, make, median_ms  # benchmarks/ is sys
 from profile_gemm import gpu_ms
 
 from lora_engine import ops
+from lora_engine.kernels import lora_linear as K
 
 RULES = (ops._MASKED_MIN_K, ops._MASKED_MAX_RANK, ops._MASK_BITS)
 NEVER = 1 << 60
@@ -68,8 +69,6 @@ def eager_row(m, k, n, r):
 def kernel_row(m, k, n, r=16):
     """The backward's two kernels alone at dx = (m, n)·(n, k): lora_grad_a (dA; with the masked term; with bits) and
     the TMA dx GEMM (Philox epilogue with dA; from bits; unmasked), µs."""
-    from lora_engine.kernels import lora_linear as K
-
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

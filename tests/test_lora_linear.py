@@ -197,19 +197,30 @@ def test_tma_gemm_computes_xa_from_its_own_tiles(m, k8, n8, r, dtype, bias, rows
     assert rel_err(out, ref) <= TOL[dtype]
 
 
+def _dx_operands(m, n_out, k, r, dtype):
+    """The backward dx GEMM's operands, seeded by the shape: dy (m, n_out), W (n_out, k), x (m, k) in dtype, and fp32
+    g (m, r) and A (r, k)."""
+    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n_out + r)
+    dy = torch.randn(m, n_out, generator=gen).to(dtype)
+    w = (torch.randn(n_out, k, generator=gen) / math.sqrt(n_out)).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    return dy, w, x, torch.randn(m, r, generator=gen), torch.randn(r, k, generator=gen) / math.sqrt(k)
+
+
+def _unpack_bits(bits, k):
+    """(M, k) bool from packed keep bits (M, ceil(k / 8)) uint8: column c is bit c % 8 of byte c // 8."""
+    lanes = (bits.to(torch.int32)[:, :, None] >> torch.arange(8, device=bits.device)) & 1
+    return lanes.reshape(bits.shape[0], -1)[:, :k].bool()
+
+
 @settings(max_examples=16, deadline=None)
 @given(**TMA_CASES, p=st.sampled_from([0.0, 0.3]), split=st.sampled_from([1, 2, 4]), chunk_m=st.integers(1, 3))
 def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split, chunk_m):
     """The dx role: dx = dy·W + keep ⊙ (g·A) with the dropout mask applied in the epilogue (in 1, 2 or 4
     column parts), and dA += gᵀ·(keep ⊙ x) from the x tiles the epilogue loads, summed over units of 1-3 row
     blocks (a shorter last unit) before it is added; both against fp64."""
-    n_out, k = 8 * n8, 8 * k8  # dy (m, n_out), W (n_out, k): dx is (m, k)
-    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n_out + r)
-    dy = torch.randn(m, n_out, generator=g).to(dtype)
-    w = (torch.randn(n_out, k, generator=g) / math.sqrt(n_out)).to(dtype)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    gr = torch.randn(m, r, generator=g)
-    la = torch.randn(r, k, generator=g) / math.sqrt(k)
+    n_out, k = 8 * n8, 8 * k8
+    dy, w, x, gr, la = _dx_operands(m, n_out, k, r, dtype)
     seed = torch.tensor([99 + m]) if p else None
     config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split, BLOCK_M=16, CHUNK_M=chunk_m)
     da = torch.zeros(r, k)
@@ -230,18 +241,12 @@ def test_dropout_mask_travels_as_bits_from_grad_a_to_the_tma_gemm(m, k8, n8, r, 
     n_out, k = 8 * n8, 8 * k8 + (m % 8 if dtype == torch.float32 else 0)  # fp32 rows: any width is 16-byte aligned
     if (k * torch.finfo(dtype).bits // 8) % 16:
         k += 8 - k % 8
-    gen = torch.Generator().manual_seed(m * 1000 + k * 10 + n_out + r)
-    dy = torch.randn(m, n_out, generator=gen).to(dtype)
-    w = (torch.randn(n_out, k, generator=gen) / math.sqrt(n_out)).to(dtype)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    gr = torch.randn(m, r, generator=gen)
-    la = torch.randn(r, k, generator=gen) / math.sqrt(k)
+    dy, w, x, gr, la = _dx_operands(m, n_out, k, r, dtype)
     keep = dropout_keep_mask(31 + m, m, k, p)
     bits = torch.full((m, (k + 7) // 8), 0xAA, dtype=torch.uint8)  # poisoned: every byte must be written
     da = torch.zeros(r, k)
     K.lora_grad_a(gr, x, 1.0, da, mask_seed=torch.tensor([31 + m]), threshold=K.dropout_threshold(p), keep_bits=bits)
-    unpacked = ((bits.to(torch.int32)[:, :, None] >> torch.arange(8)) & 1).reshape(m, -1)[:, :k].bool()
-    assert torch.equal(unpacked, keep)
+    assert torch.equal(_unpack_bits(bits, k), keep)
     g_op = gr.to(dtype).double()
     assert rel_err(da, g_op.T @ (keep.double() * x.double())) <= TOL[torch.float32]
     config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split, BLOCK_M=16)
@@ -536,8 +541,7 @@ def test_gpu_dropout_mask_as_bits(dtype, shape):
     da = torch.zeros(r, k, device="cuda")
     K.lora_grad_a(g, x, 1.0, da, mask_seed=torch.tensor([3 + m], device="cuda"), threshold=K.dropout_threshold(0.05),
                   keep_bits=bits)
-    unpacked = ((bits.to(torch.int32)[:, :, None] >> torch.arange(8, device="cuda")) & 1).reshape(m, -1)[:, :k]
-    assert torch.equal(unpacked.bool(), keep)
+    assert torch.equal(_unpack_bits(bits, k), keep)
     dx = K.gemm_lora_tma(dy, w.t(), None, g, la.t(), 1.0, dtype, mask_bits=bits)
     g_op = g.to(dtype).double()
     assert rel_err(dx, dy.double() @ w.double() + keep.double() * (g_op @ la.to(dtype).double())) <= TOL[dtype]
