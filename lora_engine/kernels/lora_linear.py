@@ -894,12 +894,13 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
     return (out, c) if has_down else out
 
 
-def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_b=None, bias=None):
+def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_b=None, bias=None, tiles=None):
     """xa = scale · (mask ⊙ x) · lora_aᵀ: x (M, K), lora_a (R, K) -> (M, R) of out_dtype.
 
     With lora_b (N, R) given, returns (xa, y) with y = xa · lora_bᵀ (+ bias) of shape (M, N), computed
     from xa as rounded to out_dtype (the LoRA term of the forward, one launch). lora_a and lora_b may be
     fp32 with x in half precision: they are rounded to x's dtype in-kernel.
+    tiles: optional (BLOCK_M, BLOCK_K, num_warps) override, for benchmarks.
     """
     M, K = x.shape
     R = lora_a.shape[0]
@@ -915,6 +916,9 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
         # A bandwidth-bound read of x: enough row blocks to cover the GPU about twice.
         block_m = 64 if (r_pad <= 64 and cdiv(M, 64) >= 2 * num_sms(x.device, 4)) else 32
         block_k = 128 if r_pad <= 64 else 64
+    warps = 4
+    if tiles is not None:
+        block_m, block_k, warps = tiles
     launch(
         _lora_down_kernel, (cdiv(M, block_m),),
         (x, lora_a, out, b_, bias if bias is not None else out, y, M, K, R, N,
@@ -924,7 +928,7 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
         dict(HAS_DROPOUT=mask_seed is not None, HAS_UP=has_up, HAS_BIAS=bias is not None,
              UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m,
              BLOCK_K=block_k, BLOCK_N=32 if _INTERPRET else 64),
-        num_warps=4, num_stages=3,
+        num_warps=warps, num_stages=3,
     )
     return (out, y) if has_up else out
 
@@ -954,6 +958,21 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
     )
 
 
+def _grad_a_tiles(r_pad: int, has_dx: bool) -> tuple:
+    """(BLOCK_M, BLOCK_K, num_warps) of `lora_grad_a`: in each mode, the fastest of five tilings on an H200 at
+    8192×4096, bf16, r16 and r64 (benchmarks/sweep_grad_a.py). Against the (32, 128, 4) used before for all of them,
+    r16 / r64 in µs: dA alone 27 against 30 / 35 against 52; dA with the mask and its bits 52 against 63 / 64 against
+    83; dA with dx's LoRA term 49 against 55 / 71 against 105; the same masked 80 against 85 / 119 against 184. At
+    2048² the tilings are within 1-2 µs of each other (the one before up to 1 µs ahead)."""
+    if _INTERPRET:
+        return 32, 32, 4
+    if r_pad > 64:
+        return 32, 64, 8
+    if has_dx:
+        return (32, 256, 4) if r_pad <= 16 else (64, 128, 4)
+    return (32, 256, 8) if r_pad <= 16 else (32, 256, 4)
+
+
 def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx=None, keep_bits=None, tiles=None):
     """da (R, K) += scale · gᵀ · (mask ⊙ x) into a zeroed fp32 buffer: g (M, R), x (M, K).
     With lora_a (R, K) and dx (M, K) given, also writes dx = scale · mask ⊙ (g · lora_a).
@@ -969,13 +988,7 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
         raise ValueError(f"lora_grad_a: keep_bits must be a ({M}, {cdiv(K, 8)}) uint8 tensor with unit column stride, "
                          "and needs mask_seed")
     r_pad = _rank_pad(R)
-    # (32, 128, 4 warps): fastest of 7 tilings on an H200 at 8192×4096 r16 (benchmarks/sweep_grad_a.py:
-    # 54.7 µs without dropout, 84.1 µs with it; the old (64, 128, 4) took 103.1 µs with dropout).
-    block_k = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
-    block_m = 32
-    warps = 4 if r_pad <= 64 else 8
-    if tiles is not None:
-        block_m, block_k, warps = tiles
+    block_m, block_k, warps = _grad_a_tiles(r_pad, has_dx) if tiles is None else tiles
     k_blocks = cdiv(K, block_k)
     splits = max(1, min(cdiv(M, block_m), cdiv(2 * num_sms(x.device, 4), k_blocks)))
     m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
