@@ -4,8 +4,8 @@ each base GEMM, GPU time alone (CUDA-graph replay), bf16, in one run.
     python benchmarks/profile_gemm.py [--quick]
 
 Part 1 checks the kernel against fp64 (bf16 and fp16, odd sizes, bias, both weight layouts, every tile
-config; xa computed in the GEMM; the backward epilogue with and without the dropout mask, with dA, in 1, 2
-and 4 column parts).
+config; xa computed in the GEMM; the backward epilogue with and without the dropout mask (as bits), with dA, in 1,
+2 and 4 column parts).
 Part 2 times, per shape (r16; the forward also r64): the forward through cuBLAS alone (the floor), the xa
 pass then the TMA GEMM adding xa·Bᵀ, and the TMA GEMM computing xa itself; the backward dx through cuBLAS
 alone (the floor) and, without and with dropout, the earlier paths (TMA GEMM + the dA pass; the masked
@@ -55,6 +55,17 @@ def rel(out, ref) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+def keep_bits(seed: int, x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """The dropout keep-mask of x's shape as the TMA GEMM reads it, packed by `lora_grad_a` (None for p = 0)."""
+    if not p:
+        return None
+    m, k = x.shape
+    bits = torch.empty(m, (k + 7) // 8, device=x.device, dtype=torch.uint8)
+    K.lora_grad_a(torch.zeros(m, 1, device=x.device), x, 1.0, torch.zeros(1, k, device=x.device),
+                  mask_seed=torch.tensor([seed], device=x.device), threshold=K.dropout_threshold(p), keep_bits=bits)
+    return bits
+
+
 def check() -> float:
     worst = 0.0
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -95,15 +106,14 @@ def check() -> float:
             gr = torch.randn(m, r, device="cuda", generator=g)
             la = torch.randn(r, n, device="cuda", generator=g) / math.sqrt(n)
             for p in (0.0, 0.05):
-                seed = torch.tensor([7 + i], device="cuda") if p else None
+                bits = keep_bits(7 + i, x, p)
                 keep = (dropout_keep_mask(7 + i, m, n, p, device="cuda").double() if p else 1.0)
                 g_op = gr.to(dtype).double()
                 dx_ref = a.double() @ b.double().T + keep * (g_op @ la.to(dtype).double())
                 da_ref = g_op.T @ (keep * x.double())
                 for split in (1, 2, 4):
                     da = torch.zeros(r, n, device="cuda")
-                    dx = K.gemm_lora_tma(a, b, None, gr, la.t(), 1.0, dtype, mask_seed=seed,
-                                         threshold=K.dropout_threshold(p), da=da, da_x=x,
+                    dx = K.gemm_lora_tma(a, b, None, gr, la.t(), 1.0, dtype, mask_bits=bits, da=da, da_x=x,
                                          config=K._tma_config() | dict(EPI_SPLIT=split))
                     for name, o, rf in (("dx", dx, dx_ref), ("da", da, da_ref)):
                         e = rel(o, rf)
@@ -138,10 +148,12 @@ def part2_row(m, k, n, r=16) -> dict:
         K.lora_grad_a(g, x, 1.0, da, lora_a=a, dx=dx, mask_seed=seed, threshold=thr)
         dx.addmm_(dy, w)
 
+    bits = keep_bits(5, x, 0.05)
+
     def dx_fused(split, masked):
         cfg = K._tma_config() | dict(EPI_SPLIT=split)
-        return lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_seed=seed if masked else None,
-                                       threshold=thr, da=da, da_x=x, config=cfg)
+        return lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_bits=bits if masked else None,
+                                       da=da, da_x=x, config=cfg)
 
     row = dict(shape=f"{m}x{k}->{n}", fwd_base=gpu_ms(lambda: F.linear(x, w)), fwd_pass=gpu_ms(fwd_pass),
                fwd_down=gpu_ms(lambda: K.gemm_lora_tma(x, w, None, None, b, 2.0, x.dtype, down=a)),
@@ -341,7 +353,7 @@ def check_row_units() -> float:
             dy, w, x = rnd(m, n_out), rnd(n_out, k) / math.sqrt(n_out), rnd(m, k)
             g, a = rnd(m, r, dt=torch.float32), rnd(r, k, dt=torch.float32) / math.sqrt(k)
             for p in (0.0, 0.05):
-                seed = torch.tensor([17 + m], device="cuda")
+                bits = keep_bits(17 + m, x, p)
                 keep = dropout_keep_mask(17 + m, m, k, p, device="cuda").double()
                 g_op = g.to(dtype).double()
                 dx_ref = dy.double() @ w.double() + keep * (g_op @ a.to(dtype).double())
@@ -349,8 +361,8 @@ def check_row_units() -> float:
                 for chunk_m in (1, 2, 3, None):
                     cfg = K._tma_config(masked=p > 0) | ({} if chunk_m is None else dict(CHUNK_M=chunk_m))
                     da = torch.zeros(r, k, device="cuda")
-                    dx = K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, dtype, mask_seed=seed if p else None,
-                                         threshold=K.dropout_threshold(p), da=da, da_x=x, config=cfg)
+                    dx = K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, dtype, mask_bits=bits, da=da, da_x=x,
+                                         config=cfg)
                     for name, o, rf, t in (("dx", dx, dx_ref, tol), ("dA", da, da_ref, 1e-3)):
                         e = rel(o, rf)
                         assert o.isfinite().all() and e <= t, (name, dtype, m, n_out, k, r, p, chunk_m, e)
@@ -366,14 +378,14 @@ def part7_row(m, k, n, r=16) -> None:
     g = torch.randn(m, r, device="cuda", dtype=torch.float32)
     a = torch.randn(r, k, device="cuda") / math.sqrt(k)
     da = torch.zeros(r, k, device="cuda")
-    seed = torch.tensor([5], device="cuda")
+    bits = keep_bits(5, x, 0.05)
     cfg = K._tma_config()
     auto = K._unit_blocks(math.ceil(k / cfg["BLOCK_N"]), math.ceil(m / cfg["BLOCK_M"]), K.num_sms(x.device, 4))
 
     def dx(chunk_m, masked):
         c = K._tma_config(masked=masked) | dict(CHUNK_M=chunk_m)
-        return lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_seed=seed if masked else None,
-                                       threshold=K.dropout_threshold(0.05), da=da, da_x=x, config=c)
+        return lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_bits=bits if masked else None,
+                                       da=da, da_x=x, config=c)
 
     base = gpu_ms(lambda: dy @ w)
     res = {}

@@ -1,10 +1,9 @@
-"""With dropout, the backward's masked dx term three ways, whole op fwd+bwd in one run:
-- "bits": dA's pass over x (`lora_grad_a`) writes the keep-mask it generates as bits, and the TMA GEMM adds the
-  masked term from them (`ops._MASK_BITS`, where the rules below send the term to the cuBLAS path);
-- "cuBLAS path": `lora_grad_a` writes the masked term (M×in), cuBLAS adds dy·W onto it;
-- "Philox epilogue": the TMA GEMM generates the mask in its epilogue, dA beside it (what `ops._MASKED_MIN_K` and
-  `ops._MASKED_MAX_RANK` allow: long K-loops, ranks up to 32).
-"auto" is the default routing. GPU time alone (CUDA-graph replay) × the frozen base, bf16 x, fp32 adapters,
+"""With dropout, the backward's masked dx term two ways, whole op fwd+bwd in one run:
+- "bits" (the default, `ops._MASK_BITS`): dA's pass over x (`lora_grad_a`) writes the keep-mask it generates as
+  bits, and the TMA GEMM adds the masked term from them;
+- "cuBLAS path": `lora_grad_a` writes the masked term (M×in), cuBLAS adds dy·W onto it.
+(A third way, the mask generated in the TMA GEMM's epilogue with dA beside it, was removed after it tied with bits;
+this script at commit 0dee151 times it.) GPU time alone (CUDA-graph replay) × the frozen base, bf16 x, fp32 adapters,
 p = .05, the variants alternating, two rounds; then eager time (`do_bench`, host included) at the host-bound shapes,
 bf16 adapters as bench_kernels.py, against PEFT-style.
 
@@ -19,18 +18,11 @@ from profile_gemm import gpu_ms
 from lora_engine import ops
 from lora_engine.kernels import lora_linear as K
 
-RULES = (ops._MASKED_MIN_K, ops._MASKED_MAX_RANK, ops._MASK_BITS)
-NEVER = 1 << 60
-VARIANTS = {  # (_MASKED_MIN_K, _MASKED_MAX_RANK, _MASK_BITS)
-    "bits": (NEVER, 0, True),
-    "cuBLAS path": (NEVER, 0, False),
-    "Philox epilogue": (0, NEVER, False),
-    "auto": RULES,
-}
+VARIANTS = {"bits": True, "cuBLAS path": False}  # ops._MASK_BITS
 
 
 def use(variant):
-    ops._MASKED_MIN_K, ops._MASKED_MAX_RANK, ops._MASK_BITS = VARIANTS[variant]
+    ops._MASK_BITS = VARIANTS[variant]
 
 
 def step(x, w, a, b, dy):
@@ -68,7 +60,7 @@ def eager_row(m, k, n, r):
 
 def kernel_row(m, k, n, r=16):
     """The backward's two kernels alone at dx = (m, n)·(n, k): lora_grad_a (dA; with the masked term; with bits) and
-    the TMA dx GEMM (Philox epilogue with dA; from bits; unmasked), µs."""
+    the TMA dx GEMM (from bits; unmasked), µs."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -82,8 +74,6 @@ def kernel_row(m, k, n, r=16):
         "grad_a dA+term": lambda: K.lora_grad_a(g, x, 1.0, da, mask_seed=seed, threshold=t, lora_a=a, dx=dx),
         "grad_a dA+bits": lambda: K.lora_grad_a(g, x, 1.0, da, mask_seed=seed, threshold=t, keep_bits=bits),
         "cuBLAS dy·W + term": lambda: dx.addmm_(dy, w),
-        "TMA Philox+dA": lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_seed=seed,
-                                                 threshold=t, da=da, da_x=x),
         "TMA bits": lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_bits=bits),
         "TMA unmasked": lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype),
     }
@@ -107,7 +97,7 @@ def main():
         for m, k, n in (SHAPES[1], SHAPES[3]):
             eager_row(m, k, n, 16)
     finally:
-        use("auto")
+        use("bits")
 
 
 if __name__ == "__main__":

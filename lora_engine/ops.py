@@ -99,25 +99,18 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 #             kernel on Hopper (which also takes dA in the backward, and xa in the forward where that
 #             pays), a pointer-based kernel elsewhere;
 #   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
-#             multiply-adds; with a dropout-masked dx term, a K-loop of at least _MASKED_MIN_K and a rank of
-#             at most _MASKED_MAX_RANK, else the mask as bits from dA's pass: _MASK_BITS), else
-#             "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of cuBLAS alone, which
-#             saves the extra write and read of the LoRA term; the pointer kernel is 1.1-1.3x slower than
-#             cuBLAS (benchmarks/RESULTS.md).
+#             multiply-adds), else "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of cuBLAS
+#             alone, which saves the extra write and read of the LoRA term; the pointer kernel is 1.1-1.3x slower
+#             than cuBLAS (benchmarks/RESULTS.md).
+# With dropout, the TMA kernel takes dx's masked LoRA term from the keep-mask as bits, which dA's pass over x
+# (`lora_grad_a`) writes as it generates the mask (no M×in term written and read back, and the mask generated once in
+# backward). On an H200, whole op at p=.05, against the cuBLAS path: a tie at rank 16, ahead at rank 64 (->1024 1.92x
+# of the base against 2.15x); and a tie with the mask generated in the TMA kernel's epilogue (dA beside it) behind the
+# long K-loop of ->14336, which it replaced (benchmarks/RESULTS.md). _MASK_BITS = False sends the masked term to the
+# cuBLAS path instead (for benchmarks).
 BASE_GEMMS = ("auto", "cublas", "triton")
 _base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "auto")
 _TRITON_MIN_MACS = 1 << 30
-# With a dropout mask on dx's LoRA term the TMA kernel generates the mask in its epilogue, where nothing
-# overlaps it: on an H100 that paid only with a long K-loop to hide behind (dy of 14336 columns: 1.11x of
-# cuBLAS, against 1.15x for the cuBLAS path; at 4096 columns 1.31x against 1.27x). Rechecked on an H200 with dA
-# summed over row-block units, whole op at p=.05: a tie at 4096 columns, a loss at 1024; at 14336 columns a tie at
-# ranks 16 and 32 and a loss at 64 (1.21-1.24x of the base against 1.15-1.17x; benchmarks/RESULTS.md).
-_MASKED_MIN_K = 8192
-_MASKED_MAX_RANK = 32
-# Where the rules above send a masked dx term to the cuBLAS path but the TMA kernel runs, dA's pass writes the mask
-# as packed bits and the TMA GEMM adds the term from them (no M×in term written and read back). On an H200, whole op
-# at p=.05: a tie with the cuBLAS path at rank 16 (2048²: 1.69x of the base against 1.66x), ahead at rank 64 (->1024
-# 1.92x against 2.15x, ->4096 1.29x against 1.33x, ->14336 1.15x against 1.18x; benchmarks/RESULTS.md).
 _MASK_BITS = True
 
 
@@ -129,17 +122,15 @@ def set_base_gemm(name: str) -> None:
     _base_gemm = name
 
 
-def _fused_gemm(a: torch.Tensor, b: torch.Tensor, masked: bool = False, rank: int = 0) -> str | None:
-    """How a · bᵀ (+ the LoRA term of `rank`, masked by dropout when `masked`) runs: "tma" (the persistent TMA
-    kernel), "pointer" (the pointer-based fused kernel) or None (the cuBLAS path)."""
+def _fused_gemm(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """How a · bᵀ (+ the LoRA term) runs: "tma" (the persistent TMA kernel), "pointer" (the pointer-based fused
+    kernel) or None (the cuBLAS path)."""
     from lora_engine.kernels import lora_linear as K
 
     if _base_gemm == "cublas":
         return None
     if _base_gemm == "triton":
         return "tma" if K.tma_gemm_available(a, b) else "pointer"
-    if masked and (a.shape[1] < _MASKED_MIN_K or rank > _MASKED_MAX_RANK):
-        return None
     if a.shape[0] * a.shape[1] * b.shape[0] >= _TRITON_MIN_MACS and K.tma_gemm_available(a, b):
         return "tma"
     return None
@@ -269,19 +260,23 @@ class LoRALinearFunction(torch.autograd.Function):
         K.lora_dy(dy2, b, xa, 1.0, g_scale, g, db, dbias)
         dx = None
         w_t = weight.t()  # (in, out): dx = dy·W reads W through strides
-        path = _fused_gemm(dy2, w_t, masked=seed is not None, rank=R) if need_x else None
-        if path is None and seed is not None and need_x and _MASK_BITS and _fused_gemm(dy2, w_t) == "tma":
+        path = _fused_gemm(dy2, w_t) if need_x else None
+        if path == "tma" and seed is not None and not _MASK_BITS:
+            path = None
+        if path == "tma" and seed is not None:
             # dA's pass over x generates the mask anyway: it also writes it as bits (M·in/8 bytes, freed when backward
-            # returns), and the TMA GEMM reads them for dx's masked term instead of generating the mask again.
+            # returns), and the TMA GEMM reads them for dx's masked term.
             bits = torch.empty((M, (K_in + 7) // 8), device=dy.device, dtype=torch.uint8)
             K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, keep_bits=bits)
             dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_bits=bits).view(x_shape)
+        elif path == "tma":
+            # dx = dy·W + g·A in one GEMM (W read as (in, out) and A as (in, r) via strides), dA = gᵀ·x in its epilogue.
+            dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, da=da if need_a else None,
+                                 da_x=x2).view(x_shape)
         elif path:
-            # dx = dy·W + mask ⊙ (g·A) in one GEMM (W read as (in, out) and A as (in, r) via strides), and
-            # dA = gᵀ·(mask ⊙ x) beside it (in its epilogue on Hopper).
-            gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora
-            dx = gemm(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
-                      da=da if need_a else None, da_x=x2).view(x_shape)
+            # The same with the pointer kernel, which generates the mask in its epilogue; dA from a pass over x.
+            dx = K.gemm_lora(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
+                             da=da if need_a else None, da_x=x2).view(x_shape)
         else:
             # One pass over x: dA, and the LoRA term of dx (mask ⊙ g·A) onto which cuBLAS adds dy·W.
             if need_x:

@@ -213,20 +213,28 @@ def _unpack_bits(bits, k):
     return lanes.reshape(bits.shape[0], -1)[:, :k].bool()
 
 
+def _pack_bits(keep):
+    """`_unpack_bits`' inverse: (M, k) bool -> (M, ceil(k / 8)) uint8."""
+    m, k = keep.shape
+    lanes = torch.nn.functional.pad(keep.to(torch.int32), (0, -k % 8)).reshape(m, -1, 8)
+    return (lanes << torch.arange(8, device=keep.device)).sum(-1).to(torch.uint8)
+
+
 @settings(max_examples=16, deadline=None)
 @given(**TMA_CASES, p=st.sampled_from([0.0, 0.3]), split=st.sampled_from([1, 2, 4]), chunk_m=st.integers(1, 3))
 def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split, chunk_m):
-    """The dx role: dx = dy·W + keep ⊙ (g·A) with the dropout mask applied in the epilogue (in 1, 2 or 4
+    """The dx role: dx = dy·W + keep ⊙ (g·A) with the dropout mask read from bits in the epilogue (in 1, 2 or 4
     column parts), and dA += gᵀ·(keep ⊙ x) from the x tiles the epilogue loads, summed over units of 1-3 row
     blocks (a shorter last unit) before it is added; both against fp64."""
     n_out, k = 8 * n8, 8 * k8
     dy, w, x, gr, la = _dx_operands(m, n_out, k, r, dtype)
-    seed = torch.tensor([99 + m]) if p else None
+    keep = dropout_keep_mask(99 + m, m, k, p) if p else torch.ones(m, k, dtype=torch.bool)
+    assert torch.equal(_unpack_bits(_pack_bits(keep), k), keep)
     config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split, BLOCK_M=16, CHUNK_M=chunk_m)
     da = torch.zeros(r, k)
-    dx = K.gemm_lora_tma(dy, w.t(), None, gr, la.t(), 1.0, dtype, mask_seed=seed, threshold=K.dropout_threshold(p),
+    dx = K.gemm_lora_tma(dy, w.t(), None, gr, la.t(), 1.0, dtype, mask_bits=_pack_bits(keep) if p else None,
                          da=da, da_x=x, config=config)
-    keep = dropout_keep_mask(99 + m, m, k, p).double() if p else torch.ones(m, k, dtype=torch.float64)
+    keep = keep.double()
     g_op = gr.to(dtype).double()
     assert rel_err(dx, dy.double() @ w.double() + keep * (g_op @ la.to(dtype).double())) <= TOL[dtype]
     assert rel_err(da, g_op.T @ (keep * x.double())) <= TOL[torch.float32]
@@ -342,19 +350,15 @@ def test_tma_gemm_refuses_conflicting_lora_operands():
     with pytest.raises(ValueError, match=r"mask_bits must be a \(16, 3\) uint8 tensor"):
         K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype,
                         mask_bits=torch.zeros(16, 24, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="excludes mask_seed"):
-        K.gemm_lora_tma(a, b, None, torch.randn(16, 4), torch.randn(24, 4), 1.0, a.dtype, mask_seed=torch.tensor([1]),
-                        mask_bits=torch.zeros(16, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="needs mask_seed"):
         K.lora_grad_a(torch.randn(16, 4), a, 1.0, torch.zeros(4, 32), keep_bits=torch.zeros(16, 4, dtype=torch.uint8))
 
 
 def test_auto_fuses_large_aligned_gemms(monkeypatch):
-    """"auto" runs one Triton GEMM (the TMA kernel) at TMA-aligned shapes of at least `_TRITON_MIN_MACS`;
-    with a dropout-masked LoRA term only for a K-loop of at least `_MASKED_MIN_K` and a rank of at most
-    `_MASKED_MAX_RANK`. On that path the forward
-    computes xa inside the GEMM when there is no dropout mask and `down_in_gemm` says it pays, and the
-    backward takes dA in the dx GEMM's epilogue: no separate xa or dA pass runs. The op matches fp64 on every path."""
+    """"auto" runs one Triton GEMM (the TMA kernel) at TMA-aligned shapes of at least `_TRITON_MIN_MACS`. On that
+    path the forward computes xa inside the GEMM when there is no dropout mask and `down_in_gemm` says it pays, and
+    the backward takes dA in the dx GEMM's epilogue: no separate xa or dA pass runs. With dropout, dA's pass writes
+    the mask as bits for the dx GEMM, at any rank. The op matches fp64 on every path."""
     from lora_engine import ops
 
     a, b = torch.randn(64, 32), torch.randn(48, 32)
@@ -376,7 +380,7 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
     try:
         assert not ops._fused_gemm(a, b)  # below the size where the fused GEMM pays
         monkeypatch.setattr(ops, "_TRITON_MIN_MACS", 0)
-        assert ops._fused_gemm(a, b) and not ops._fused_gemm(a, b, masked=True)  # a K-loop of 32 < 8192
+        assert ops._fused_gemm(a, b) == "tma"
         assert not ops._fused_gemm(torch.randn(64, 30), torch.randn(48, 30))
         assert passes(0.0) == ["lora_dy"]
         # the masked dx term from the mask dA's pass writes as bits; without them, the cuBLAS path
@@ -384,12 +388,7 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
         monkeypatch.setattr(ops, "_MASK_BITS", False)
         assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a"]
         monkeypatch.setattr(ops, "_MASK_BITS", True)
-        monkeypatch.setattr(ops, "_MASKED_MIN_K", 0)
-        assert ops._fused_gemm(a, b, masked=True)
-        assert passes(0.2) == ["lora_down", "lora_dy"]
-        assert ops._fused_gemm(a, b, masked=True, rank=32) and not ops._fused_gemm(a, b, masked=True, rank=33)
-        assert ops._fused_gemm(a, b, rank=64)  # the rank limit is the masked term's only
-        x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 40, torch.float32, seed=6)  # rank 40 > _MASKED_MAX_RANK
+        x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 40, torch.float32, seed=6)  # rank 40: the same path
         assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a with bits"]
         x, w, bias, la, lb = make_inputs((2, 9), 40, 24, 8, torch.float32, seed=5)
         monkeypatch.setattr(K, "_DOWN_IN_GEMM_MAX_BLOCKS", 0)  # xa as its own pass, the GEMM adds xa·Bᵀ
@@ -397,7 +396,11 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
         set_base_gemm("cublas")
         assert not ops._fused_gemm(a, b)
         set_base_gemm("triton")
-        assert ops._fused_gemm(a, b, masked=True)
+        assert ops._fused_gemm(a, b) == "tma"
+        # where TMA cannot address the operands, the pointer kernel masks dx's term itself; dA from its own pass
+        x, w, bias, la, lb = make_inputs((2, 9), 36, 21, 8, torch.float32, seed=7)  # rows of 84 bytes
+        assert ops._fused_gemm(torch.randn(18, 21), w.t()) == "pointer"
+        assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a"]
     finally:
         set_base_gemm("auto")
 

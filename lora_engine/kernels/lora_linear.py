@@ -207,7 +207,7 @@ def _gemm_lora_kernel(
 @triton.jit
 def _tma_epilogue_part(
     part, out_desc, row0, n0, offs_m, c_op, M, N, R,
-    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold,
+    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr, PART_N: tl.constexpr, DEFER_DA: tl.constexpr,
 ):
@@ -220,10 +220,7 @@ def _tma_epilogue_part(
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
     if HAS_DROPOUT:
-        if HAS_DROPOUT == 2:
-            keep = _keep_bits(seed, threshold, offs_m, n0, PART_N, M, N)
-        else:
-            keep = _keep_mask(seed, offs_m, n0, PART_N, N, threshold)
+        keep = _keep_bits(bits_ptr, stride_bits, offs_m, n0, PART_N, M, N)
         if HAS_LORA:
             dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
@@ -283,7 +280,7 @@ def _tma_mainloop(
 @triton.jit
 def _tma_tile_epilogue(
     acc, c_op, pid_m, pid_n, out_desc, M, N, R,
-    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold,
+    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr, DEFER_DA: tl.constexpr,
@@ -308,17 +305,17 @@ def _tma_tile_epilogue(
     if EPI_SPLIT == 1:
         d0 = _tma_epilogue_part(
             acc, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
             PRECISION, R_PAD, BLOCK_N, DEFER_DA)
     elif EPI_SPLIT == 2:
         lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         d0 = _tma_epilogue_part(
             lo, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
             PRECISION, R_PAD, BLOCK_N // 2, DEFER_DA)
         d1 = _tma_epilogue_part(
             hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
             PRECISION, R_PAD, BLOCK_N // 2, DEFER_DA)
     else:
         # Quarters: column n = i·BLOCK_N/2 + j·BLOCK_N/4 + k; split over i, then over j.
@@ -328,20 +325,20 @@ def _tma_tile_epilogue(
         q2, q3 = tl.split(h1)
         d0 = _tma_epilogue_part(
             q0, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
             PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
         d1 = _tma_epilogue_part(
             q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
             PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
         d2 = _tma_epilogue_part(
             q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
             PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
         d3 = _tma_epilogue_part(
             q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-            x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+            x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A,
+            UPCAST, PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
     return d0, d1, d2, d3
 
 
@@ -350,7 +347,7 @@ def _gemm_lora_tma_kernel(
     a_desc, b_desc, out_desc, down_desc, bias_ptr, c_ptr, d_ptr, x_ptr, da_ptr,
     M, N, K, R,
     stride_cm, stride_cr, stride_dn, stride_dr, stride_xm, stride_xn,
-    scale, seed_ptr, threshold,
+    scale, bits_ptr, stride_bits,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DOWN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_GRAD_A: tl.constexpr, B_ROWS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -364,9 +361,10 @@ def _gemm_lora_tma_kernel(
     loads, and the first column block stores it to c_ptr (M, R). The tiles are walked in units of CHUNK_N
     consecutive column blocks of one row block: c is computed in a unit's first tile and reused by the others
     (ceil(N / BLOCK_N) / CHUNK_N computations per row block instead of one per tile).
-    HAS_DROPOUT (backward dx): the LoRA term is multiplied by the keep-mask of an (M, N) tensor: 1, the Philox mask of
-    the seed at seed_ptr (generated in the epilogue); 2, read from packed bits (`_keep_bits`) at seed_ptr, of row
-    stride `threshold` (written by `lora_grad_a`, which generated the mask for dA).
+    HAS_DROPOUT (backward dx): the LoRA term (and x, for dA) is multiplied by the dropout keep-mask of an (M, N)
+    tensor, read from packed bits at bits_ptr (`_keep_bits`, row stride stride_bits), which `lora_grad_a` wrote as it
+    generated the mask for dA. (Generating the mask here instead stalls the tensor cores: nothing overlaps the
+    epilogue in this kernel; benchmarks/RESULTS.md.)
     HAS_GRAD_A (backward dx): da[R, N] (fp32) += c'ᵀ · (mask ⊙ x[M, N]), from x tiles loaded in the epilogue:
     the dA pass over x rides on the dx GEMM. With CHUNK_M > 1 (HAS_GRAD_A only) the tiles are walked in units of
     CHUNK_M consecutive row blocks of one column block, and a unit adds its summed dA shares to da once.
@@ -377,12 +375,6 @@ def _gemm_lora_tma_kernel(
     num_n = tl.cdiv(N, BLOCK_N)
     num_chunks = tl.cdiv(num_n, CHUNK_N)
     op_dtype = tl.float32 if UPCAST else a_desc.dtype
-    if HAS_DROPOUT == 2:
-        seed = seed_ptr
-    elif HAS_DROPOUT == 1:
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
     if CHUNK_M > 1:
@@ -402,8 +394,8 @@ def _gemm_lora_tma_kernel(
                 c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
                 d0, d1, d2, d3 = _tma_tile_epilogue(
                     acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-                    stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-                    PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, True)
+                    stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A,
+                    UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, True)
                 da0 += d0
                 da1 += d1
                 da2 += d2
@@ -432,14 +424,14 @@ def _gemm_lora_tma_kernel(
             elif HAS_LORA:
                 c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
             _tma_tile_epilogue(acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                               x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS, HAS_LORA, HAS_DROPOUT,
-                               HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, False)
+                               x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA,
+                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, False)
             if CHUNK_N > 1:
                 for j in range(1, min(CHUNK_N, num_n - pid_n)):
                     acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n + j, K, False, B_ROWS_OUT,
                                            UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
                     _tma_tile_epilogue(acc, c_op, pid_m, pid_n + j, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn,
-                                       stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, seed, threshold, HAS_BIAS,
+                                       stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS,
                                        HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M,
                                        BLOCK_N, EPI_SPLIT, False)
 
@@ -664,13 +656,12 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     term is multiplied by the keep-mask of an (M, N) tensor.
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: also da += scale · cᵀ · (mask ⊙ da_x)
     (backward dA, with c = g and da_x = x).
-    Returns a new contiguous (M, N) tensor of out_dtype. Runs the persistent TMA kernel where
-    `tma_gemm_available(a, b)` (Hopper), with dA in its epilogue; elsewhere the pointer kernel, then
-    `lora_grad_a` for dA.
+    Returns a new contiguous (M, N) tensor of out_dtype. Without a mask, runs the persistent TMA kernel where
+    `tma_gemm_available(a, b)` (Hopper), with dA in its epilogue; elsewhere (and with a mask) the pointer kernel,
+    then `lora_grad_a` for dA.
     """
-    if tma_gemm_available(a, b):
-        return gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, mask_seed=mask_seed, threshold=threshold,
-                             da=da, da_x=da_x)
+    if mask_seed is None and tma_gemm_available(a, b):
+        return gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, da=da, da_x=da_x)
     if da is not None:
         lora_grad_a(c, da_x, scale, da, mask_seed=mask_seed, threshold=threshold)
     M, K = a.shape
@@ -802,9 +793,9 @@ def _descriptor(t: torch.Tensor, shape: tuple, strides: tuple, block: tuple) -> 
 def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, config: tuple | None) -> tuple:
     """Everything of a `gemm_lora_tma` launch that the shapes, flags and config decide (host time: computed once):
     (constexprs in signature order, num_warps, num_stages).
-    flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT (0, 1 or 2), HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
+    flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
     has_bias, has_lora, has_down, masked, has_da, rows_out, upcast, precision = flags
-    cfg = dict(config) if config is not None else _tma_config(masked=bool(masked))
+    cfg = dict(config) if config is not None else _tma_config(masked=masked)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     per_sm = cfg.pop("programs_per_sm", 1)
     resident *= per_sm
@@ -828,16 +819,14 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
     return constexprs, num_warps, num_stages
 
 
-def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=None, threshold=0, mask_bits=None,
-                  da=None, da_x=None, config=None):
+def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=None, da=None, da_x=None, config=None):
     """out = a · bᵀ (+ bias) + mask ⊙ (c' · dᵀ), c' = round(scale · c), through the persistent TMA kernel; the
     shapes and dtypes of `gemm_lora` (check `tma_gemm_available(a, b)` first).
 
     down: (R, K), with c None: c' = round(scale · a · downᵀ) is computed from the GEMM's own a tiles (the
     forward's xa without its pass over x); returns (out, c') with c' (M, R) of out_dtype.
-    mask_seed, threshold: as `gemm_lora` (the keep-mask of an (M, N) tensor on the LoRA term).
-    mask_bits: instead of mask_seed, that keep-mask as `lora_grad_a(..., keep_bits=)` packed it, (M, ceil(N / 8))
-    uint8 with unit column stride: the epilogue reads it instead of generating it.
+    mask_bits: the dropout keep-mask of an (M, N) tensor on the LoRA term, as `lora_grad_a(..., keep_bits=)` packed
+    it: (M, ceil(N / 8)) uint8 with unit column stride. (Unlike `gemm_lora`, this kernel does not generate the mask.)
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
     epilogue loads (backward dA beside dx).
     config: optional dict of the kernel's tile constexprs plus num_warps / num_stages (and programs_per_sm,
@@ -861,15 +850,12 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
     R = c.shape[1] if has_lora else 1
     rows_out = b.stride(1) == 1
-    if mask_bits is not None:
-        if mask_seed is not None or tuple(mask_bits.shape) != (M, cdiv(N, 8)) or mask_bits.dtype != torch.uint8 \
-                or mask_bits.stride(1) != 1:
-            raise ValueError(f"gemm_lora_tma: mask_bits must be a ({M}, {cdiv(N, 8)}) uint8 tensor with unit column "
-                             "stride, and excludes mask_seed")
-        mask, mask_src, threshold = 2, mask_bits, mask_bits.stride(0)
-    else:
-        mask, mask_src = (1, mask_seed) if mask_seed is not None else (0, None)
-    flags = (bias is not None, has_lora, has_down, mask, da is not None, rows_out, _upcast(a.dtype),
+    masked = mask_bits is not None
+    if masked and (tuple(mask_bits.shape) != (M, cdiv(N, 8)) or mask_bits.dtype != torch.uint8
+                   or mask_bits.stride(1) != 1):
+        raise ValueError(f"gemm_lora_tma: mask_bits must be a ({M}, {cdiv(N, 8)}) uint8 tensor with unit column "
+                         f"stride, got {tuple(mask_bits.shape)} {mask_bits.dtype} with strides {mask_bits.stride()}")
+    flags = (bias is not None, has_lora, has_down, masked, da is not None, rows_out, _upcast(a.dtype),
              _precision(a.dtype))
     constexprs, num_warps, num_stages = _tma_plan(
         M, N, K, R, flags, num_sms(a.device, 4), tuple(config.items()) if config else None)
@@ -888,7 +874,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_seed=No
          _descriptor(out, (M, N), (N, 1), (bm, bn // constexprs["EPI_SPLIT"])),
          down_desc, bias if bias is not None else out, c_, d_, x_, da if da is not None else out,
          M, N, K, R, c_.stride(0), c_.stride(1), d_.stride(0), d_.stride(1), x_.stride(0), x_.stride(1),
-         float(scale), mask_src if mask_src is not None else out, threshold),
+         float(scale), mask_bits if masked else out, mask_bits.stride(0) if masked else 0),
         constexprs, num_warps=num_warps, num_stages=num_stages,
     )
     return (out, c) if has_down else out
