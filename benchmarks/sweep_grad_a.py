@@ -70,6 +70,18 @@ def check(outs, ref) -> str:
     return "" if worst < 1e-2 else f"error {worst:.1e}"
 
 
+def checked_times(run, outputs, ref) -> str:
+    """A table cell: why the tiling is out (too large for the GPU, or its outputs differ from ref), else two
+    do_bench medians of run, µs."""
+    try:
+        bad = check(outputs(), ref)
+    except OutOfResources:
+        bad = "too large"
+    if bad:
+        return bad
+    return " / ".join(f"{do_bench(run, warmup=25, rep=150, return_mode='median') * 1e3:.1f}" for _ in range(2))
+
+
 def sweep_grad_a():
     print("| lora_grad_a | shape | r | " + " | ".join(f"{t[0]}×{t[1]} w{t[2]}" for t in TILES) + " |", flush=True)
     print("| --- " * (len(TILES) + 3) + "|")
@@ -82,15 +94,7 @@ def sweep_grad_a():
             for t in TILES:
                 torch.manual_seed(0)
                 run, outputs = grad_a_call(m, k, r, dropout, bits, dx_term, t)
-                try:
-                    bad = check(outputs(), ref)
-                except OutOfResources:
-                    bad = "too large"
-                if bad:
-                    cells.append(bad)
-                    continue
-                times = [do_bench(run, warmup=25, rep=150, return_mode="median") * 1e3 for _ in range(2)]
-                cells.append(" / ".join(f"{v:.1f}" for v in times))
+                cells.append(checked_times(run, outputs, ref))
             print(f"| {name} | {m}×{k} | {r} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -106,15 +110,7 @@ def sweep_down():
             cells = []
             for t in TILES:
                 run = lambda t=t, s=seed, x=x, a=a: K.lora_down(x, a, 1.0, x.dtype, mask_seed=s, threshold=thr, tiles=t)
-                try:
-                    bad = check([run()], [ref])
-                except OutOfResources:
-                    bad = "too large"
-                if bad:
-                    cells.append(bad)
-                    continue
-                times = [do_bench(run, warmup=25, rep=150, return_mode="median") * 1e3 for _ in range(2)]
-                cells.append(" / ".join(f"{v:.1f}" for v in times))
+                cells.append(checked_times(run, lambda run=run: [run()], [ref]))
             name = "xa masked" if seed is not None else "xa"
             print(f"| {name} | {m}×{k} | {r} | " + " | ".join(cells) + " |", flush=True)
     x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)

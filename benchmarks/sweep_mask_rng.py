@@ -16,15 +16,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from lora_engine.kernels import lora_linear as K
-
-
-@triton.jit
-def _halves(r0, r1, r2, r3, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    lo, hi = 0xFFFF, 16
-    q0 = tl.join(tl.join(r0 & lo, r0 >> hi), tl.join(r1 & lo, r1 >> hi))
-    q1 = tl.join(tl.join(r2 & lo, r2 >> hi), tl.join(r3 & lo, r3 >> hi))
-    bits = tl.reshape(tl.join(q0, q1), (BLOCK_M, BLOCK_K))
-    return bits.to(tl.int32) >= threshold
+from lora_engine.kernels.lora_linear import _keep_from_groups
 
 
 @triton.jit
@@ -45,7 +37,7 @@ def _mask(seed, offs_m, k0, BLOCK_K: tl.constexpr, K, threshold, MODE: tl.conste
             r0, r1, r2, r3 = tl.randint4x(seed, ctr, 7)
         else:
             r0, r1, r2, r3 = tl.randint4x(seed, ctr, 5)
-        keep = _halves(r0, r1, r2, r3, threshold, BLOCK_M, BLOCK_K)
+        keep = _keep_from_groups(r0, r1, r2, r3, threshold, BLOCK_M, BLOCK_K)
     elif MODE == 3 or MODE == 4:
         groups = (K + 15) // 16
         offs_g = k0 // 16 + tl.arange(0, BLOCK_K // 16)
