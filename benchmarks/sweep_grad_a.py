@@ -118,7 +118,7 @@ def sweep_down():
 
 
 TILINGS = {
-    "before": lambda r_pad, has_dx: (32, 128, 4) if r_pad <= 64 else (32, 64, 8),
+    "before": lambda r_pad, has_dx, itemsize=2: (32, 128, 4) if r_pad <= 64 else (32, 64, 8),
     "now": K._grad_a_tiles,
 }
 

@@ -265,24 +265,27 @@ def test_dropout_mask_travels_as_bits_from_grad_a_to_the_tma_gemm(m, k8, n8, r, 
 @pytest.mark.parametrize("r", [1, 16, 40, 100])
 @pytest.mark.parametrize("has_dx", [False, True])
 def test_grad_a_with_each_tiling_it_uses_on_a_gpu(monkeypatch, r, has_dx):
-    """The tiling `_grad_a_tiles` picks on a GPU for each rank class (up to 16, up to 64, above) and mode, run under
-    the interpreter on a width that leaves a partial last tile: dA, dx's masked term and the mask's bits are right."""
+    """The tilings `_grad_a_tiles` picks on a GPU for each rank class (up to 16, up to 64, above), mode and x's
+    element size (2 and 4 bytes), run under the interpreter on a width that leaves a partial last tile: dA, dx's
+    masked term and the mask's bits are right."""
     monkeypatch.setattr(K, "_INTERPRET", False)
-    tiles = K._grad_a_tiles(K._rank_pad(r), has_dx)
+    tilings = [K._grad_a_tiles(K._rank_pad(r), has_dx, itemsize) for itemsize in (2, 4)]
     monkeypatch.undo()
-    assert tiles[1] % 8 == 0  # a tile never splits a group of eight columns (one Philox call, one byte of bits)
+    assert tilings[1][0] * tilings[1][1] <= 32 * 128  # fp32 x: no larger a tile than the (32, 128) of before
     m, k, p = 70, 8 * 37, 0.3
     x, g, a = torch.randn(m, k), torch.randn(m, r), torch.randn(r, k)
     keep = dropout_keep_mask(5, m, k, p)
-    da = torch.zeros(r, k)
-    dx = torch.empty(m, k) if has_dx else None
-    bits = torch.full((m, k // 8), 0xAA, dtype=torch.uint8)
-    K.lora_grad_a(g, x, 1.0, da, mask_seed=torch.tensor([5]), threshold=K.dropout_threshold(p),
-                  lora_a=a if has_dx else None, dx=dx, keep_bits=bits, tiles=tiles)
-    assert torch.equal(_unpack_bits(bits, k), keep)
-    assert rel_err(da, g.double().T @ (keep.double() * x.double())) <= TOL[torch.float32]
-    if has_dx:
-        assert rel_err(dx, keep.double() * (g.double() @ a.double())) <= TOL[torch.float32]
+    for tiles in tilings:
+        assert tiles[1] % 8 == 0  # a tile never splits a group of eight columns (one Philox call, one byte of bits)
+        da = torch.zeros(r, k)
+        dx = torch.empty(m, k) if has_dx else None
+        bits = torch.full((m, k // 8), 0xAA, dtype=torch.uint8)
+        K.lora_grad_a(g, x, 1.0, da, mask_seed=torch.tensor([5]), threshold=K.dropout_threshold(p),
+                      lora_a=a if has_dx else None, dx=dx, keep_bits=bits, tiles=tiles)
+        assert torch.equal(_unpack_bits(bits, k), keep)
+        assert rel_err(da, g.double().T @ (keep.double() * x.double())) <= TOL[torch.float32]
+        if has_dx:
+            assert rel_err(dx, keep.double() * (g.double() @ a.double())) <= TOL[torch.float32]
 
 
 @settings(max_examples=10, deadline=None)

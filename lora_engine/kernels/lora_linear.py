@@ -944,19 +944,23 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
     )
 
 
-def _grad_a_tiles(r_pad: int, has_dx: bool) -> tuple:
-    """(BLOCK_M, BLOCK_K, num_warps) of `lora_grad_a`: in each mode, the fastest of five tilings on an H200 at
-    8192×4096, bf16, r16 and r64 (benchmarks/sweep_grad_a.py). Against the (32, 128, 4) used before for all of them,
-    r16 / r64 in µs: dA alone 27 against 30 / 35 against 52; dA with the mask and its bits 52 against 63 / 64 against
-    83; dA with dx's LoRA term 49 against 55 / 71 against 105; the same masked 80 against 85 / 119 against 184. At
-    2048² the tilings are within 1-2 µs of each other (the one before up to 1 µs ahead)."""
+def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2) -> tuple:
+    """(BLOCK_M, BLOCK_K, num_warps) of `lora_grad_a` for x of `itemsize` bytes: in each mode, the fastest of five
+    tilings on an H200 at 8192×4096, bf16, r16 and r64 (benchmarks/sweep_grad_a.py). Against the (32, 128, 4) used
+    before for all of them, r16 / r64 in µs: dA alone 27 against 30 / 35 against 52; dA with the mask and its bits 52
+    against 63 / 64 against 83; dA with dx's LoRA term 49 against 55 / 71 against 105; the same masked 80 against 85
+    / 119 against 184. At 2048² the tilings are within 1-2 µs of each other (the one before up to 1 µs ahead).
+    For fp32 x the tile keeps the bytes of the bf16 one (half the columns; not timed), so its pipelined copies still
+    fit the shared memory of GPUs with ~100 KB per SM, as the tiles before did."""
     if _INTERPRET:
         return 32, 32, 4
     if r_pad > 64:
         return 32, 64, 8
     if has_dx:
-        return (32, 256, 4) if r_pad <= 16 else (64, 128, 4)
-    return (32, 256, 8) if r_pad <= 16 else (32, 256, 4)
+        block_m, block_k, warps = (32, 256, 4) if r_pad <= 16 else (64, 128, 4)
+    else:
+        block_m, block_k, warps = (32, 256, 8) if r_pad <= 16 else (32, 256, 4)
+    return block_m, block_k * 2 // max(itemsize, 2), warps
 
 
 def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx=None, keep_bits=None, tiles=None):
@@ -974,7 +978,7 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
         raise ValueError(f"lora_grad_a: keep_bits must be a ({M}, {cdiv(K, 8)}) uint8 tensor with unit column stride, "
                          "and needs mask_seed")
     r_pad = _rank_pad(R)
-    block_m, block_k, warps = _grad_a_tiles(r_pad, has_dx) if tiles is None else tiles
+    block_m, block_k, warps = _grad_a_tiles(r_pad, has_dx, x.element_size()) if tiles is None else tiles
     k_blocks = cdiv(K, block_k)
     splits = max(1, min(cdiv(M, block_m), cdiv(2 * num_sms(x.device, 4), k_blocks)))
     m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
