@@ -9,7 +9,10 @@ config; xa computed in the GEMM; the backward epilogue with and without the drop
 Part 2 times, per shape (r16; the forward also r64): the forward through cuBLAS alone (the floor), the xa
 pass then the TMA GEMM adding xa·Bᵀ, and the TMA GEMM computing xa itself; the backward dx through cuBLAS
 alone (the floor) and, without and with dropout, the earlier paths (TMA GEMM + the dA pass; the masked
-term and dA from one pass, then cuBLAS adds dy·W) against the TMA GEMM with dA in its epilogue.
+term and dA from one pass, then cuBLAS adds dy·W) against the TMA GEMM with dA in its epilogue. With dropout that
+GEMM reads the mask from bits made once beforehand: the op runs instead `lora_grad_a` (dA and the bits) and then
+the GEMM without dA, so those columns leave out the mask's generation (sweep_mask_bits.py times the op's path).
+Part 7's masked rows likewise.
 Part 3 times lora_linear fwd+bwd and forward with the base GEMM "cublas" and "auto" (the default).
 Part 4 (only with --parts 4) times dx with dA under tile configs with one or two persistent programs per SM.
 Part 5 (only with --parts 5) checks against fp64 and times the forward's xa computed inside the TMA GEMM once
@@ -195,7 +198,7 @@ def part2(shapes):
         print_row([row["shape"], f"{row['fwd_base']:.3f}", f"{row['xa_pass']:.3f}",
                    *(ratio(row, key, "fwd_base") for key in ("fwd_pass", "fwd_down", "fwd_pass64", "fwd_down64"))])
     print_head(["shape", "dx cuBLAS ms", "dA pass ms", "p=0: TMA GEMM + dA pass (×)", "p=0: dA in epilogue, halves (×)",
-                "quarters (×)", "p=.05: masked pass + cuBLAS (×)", "p=.05: in epilogue, halves (×)", "quarters (×)"])
+                "quarters (×)", "p=.05: masked pass + cuBLAS (×)", "p=.05: ready bits, halves (×)", "quarters (×)"])
     for row in rows:
         print_row([row["shape"], f"{row['bwd_base']:.3f}", f"{row['da_pass']:.3f}",
                    *(ratio(row, key, "bwd_base")

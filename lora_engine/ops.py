@@ -96,8 +96,8 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 #   "cublas": a Triton kernel writes the LoRA term (with bias, or the dropout mask in backward),
 #             then cuBLAS accumulates x·Wᵀ onto it in place (addmm_, beta=1);
 #   "triton": one Triton GEMM with the LoRA term in its epilogue (y written once): the persistent TMA
-#             kernel on Hopper (which also takes dA in the backward, and xa in the forward where that
-#             pays), a pointer-based kernel elsewhere;
+#             kernel on Hopper (which without dropout also takes dA in the backward, and xa in the forward
+#             where that pays), a pointer-based kernel elsewhere;
 #   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
 #             multiply-adds), else "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of cuBLAS
 #             alone, which saves the extra write and read of the LoRA term; the pointer kernel is 1.1-1.3x slower

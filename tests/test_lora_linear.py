@@ -288,6 +288,34 @@ def test_grad_a_with_each_tiling_it_uses_on_a_gpu(monkeypatch, r, has_dx):
             assert rel_err(dx, keep.double() * (g.double() @ a.double())) <= TOL[torch.float32]
 
 
+def test_grad_a_picks_its_tiles_by_rank_mode_and_element_size(monkeypatch):
+    """Without `tiles=`, lora_grad_a asks `_grad_a_tiles` with the padded rank, whether it writes dx's term, and
+    x's element size."""
+    seen, real = [], K._grad_a_tiles
+    monkeypatch.setattr(K, "_grad_a_tiles", lambda *args: seen.append(args) or real(*args))
+    m, k = 20, 24
+    for dtype, has_dx, r in ((torch.float16, True, 40), (torch.float32, False, 3)):
+        x, g = torch.randn(m, k).to(dtype), torch.randn(m, r)
+        K.lora_grad_a(g, x, 1.0, torch.zeros(r, k), lora_a=torch.randn(r, k) if has_dx else None,
+                      dx=torch.empty(m, k, dtype=dtype) if has_dx else None)
+    assert seen == [(64, True, 2), (16, False, 4)]
+
+
+def test_gemm_lora_with_a_mask_runs_the_pointer_kernel(monkeypatch):
+    """gemm_lora with a dropout mask, at shapes the TMA kernel could take: the pointer kernel generates the mask (the
+    TMA kernel only reads it as bits) and lora_grad_a computes dA; both match fp64."""
+    monkeypatch.setattr(K, "gemm_lora_tma", lambda *args, **kw: pytest.fail("the TMA kernel cannot generate a mask"))
+    m, n_out, k, r, p = 40, 32, 48, 5, 0.3
+    dy, w, x, gr, la = _dx_operands(m, n_out, k, r, torch.float32)
+    assert K.tma_gemm_available(dy, w.t())
+    da = torch.zeros(r, k)
+    dx = K.gemm_lora(dy, w.t(), None, gr, la.t(), 1.0, torch.float32, mask_seed=torch.tensor([11]),
+                     threshold=K.dropout_threshold(p), da=da, da_x=x)
+    keep = dropout_keep_mask(11, m, k, p).double()
+    assert rel_err(dx, dy.double() @ w.double() + keep * (gr.double() @ la.double())) <= TOL[torch.float32]
+    assert rel_err(da, gr.double().T @ (keep * x.double())) <= TOL[torch.float32]
+
+
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 100), k8=st.integers(1, 12), n8=st.integers(1, 24), r=st.integers(1, 40),
        dtype=st.sampled_from([torch.float32, torch.float16]), chunk=st.integers(1, 4))

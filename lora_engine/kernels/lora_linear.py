@@ -720,7 +720,8 @@ def _tma_config(masked: bool = False) -> dict:
     # the four shapes of bench_kernels.py on an H100 (benchmarks/profile_gemm.py; flattening the tile loop
     # as Triton's persistent tutorial does cost 15-20% with the epilogue's loads). With a dropout mask the
     # epilogue runs in quarters: its masked LoRA tile beside the accumulator spills in halves (1.49x vs 1.31x
-    # of cuBLAS at 8192x4096->4096).
+    # of cuBLAS at 8192x4096->4096, measured with the mask generated in the epilogue; with the mask read from bits,
+    # halves against quarters has not been timed again).
     if _INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPI_SPLIT=2, num_warps=4, num_stages=1)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=4 if masked else 2, num_warps=8,
@@ -945,13 +946,14 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
 
 
 def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2) -> tuple:
-    """(BLOCK_M, BLOCK_K, num_warps) of `lora_grad_a` for x of `itemsize` bytes: in each mode, the fastest of five
-    tilings on an H200 at 8192×4096, bf16, r16 and r64 (benchmarks/sweep_grad_a.py). Against the (32, 128, 4) used
-    before for all of them, r16 / r64 in µs: dA alone 27 against 30 / 35 against 52; dA with the mask and its bits 52
-    against 63 / 64 against 83; dA with dx's LoRA term 49 against 55 / 71 against 105; the same masked 80 against 85
-    / 119 against 184. At 2048² the tilings are within 1-2 µs of each other (the one before up to 1 µs ahead).
-    For fp32 x the tile keeps the bytes of the bf16 one (half the columns; not timed), so its pipelined copies still
-    fit the shared memory of GPUs with ~100 KB per SM, as the tiles before did."""
+    """(BLOCK_M, BLOCK_K, num_warps) of `lora_grad_a` for x of `itemsize` bytes, from a sweep of five tilings per
+    mode on an H200 at 8192×4096, bf16, r16 and r64 (benchmarks/sweep_grad_a.py; one tiling per mode and rank class,
+    so the fastest but for the masked dx term at r64, where (64, 256, 8) was 7 µs faster masked and slower unmasked).
+    Against the (32, 128, 4) used before for all of them, r16 / r64 in µs: dA alone 27 against 30 / 35 against 52; dA
+    with the mask and its bits 52 against 63 / 64 against 83; dA with dx's LoRA term 49 against 55 / 71 against 105;
+    the same masked 80 against 85 / 119 against 184. At 2048² the chosen tilings are within ~1.5 µs of the old one.
+    For fp32 x at ranks up to 64 the tile keeps the bytes of the bf16 one (half the columns; not timed), so its
+    pipelined copies fit the shared memory of GPUs with ~100 KB per SM, as the (32, 128) tiles before did."""
     if _INTERPRET:
         return 32, 32, 4
     if r_pad > 64:
