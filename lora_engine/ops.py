@@ -261,19 +261,17 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = None
         w_t = weight.t()  # (in, out): dx = dy·W reads W through strides
         path = _fused_gemm(dy2, w_t) if need_x else None
-        if path == "tma" and seed is not None and not _MASK_BITS:
-            path = None
-        if path == "tma" and seed is not None:
+        if path == "tma" and seed is not None and _MASK_BITS:
             # dA's pass over x generates the mask anyway: it also writes it as bits (M·in/8 bytes, freed when backward
             # returns), and the TMA GEMM reads them for dx's masked term.
             bits = torch.empty((M, (K_in + 7) // 8), device=dy.device, dtype=torch.uint8)
             K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, keep_bits=bits)
             dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_bits=bits).view(x_shape)
-        elif path == "tma":
+        elif path == "tma" and seed is None:
             # dx = dy·W + g·A in one GEMM (W read as (in, out) and A as (in, r) via strides), dA = gᵀ·x in its epilogue.
             dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, da=da if need_a else None,
                                  da_x=x2).view(x_shape)
-        elif path:
+        elif path == "pointer":
             # The same with the pointer kernel, which generates the mask in its epilogue; dA from a pass over x.
             dx = K.gemm_lora(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,
                              da=da if need_a else None, da_x=x2).view(x_shape)
