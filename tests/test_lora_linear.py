@@ -301,6 +301,28 @@ def test_grad_a_picks_its_tiles_by_rank_mode_and_element_size(monkeypatch):
     assert seen == [(64, True, 2), (16, False, 4)]
 
 
+def test_lora_dy_takes_256_row_blocks_at_rank_64_where_they_mean_fewer_atomics(monkeypatch):
+    """On a GPU, `_dy_tiles` gives rank 64 blocks of 256 rows where dB's and g's atomics then add up to fewer (the
+    8192-row shapes with N of 4096 and 14336), and 128 rows elsewhere (N = 1024 ties, 2048² has more, rank 16 is
+    bound by dy's read). Each tiling it picks computes g and dB right under the interpreter, on an odd shape."""
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    K._dy_tiles.cache_clear()
+    picks = {(m, n, r): K._dy_tiles(m, n, r, 132) for m, n in ((8192, 4096), (8192, 14336), (8192, 1024),
+                                                                (2048, 2048)) for r in (16, 64)}
+    big = K._dy_tiles(300, 90, 128, 132)
+    monkeypatch.undo()
+    K._dy_tiles.cache_clear()
+    assert {key for key, tiles in picks.items() if tiles[0] == 256} == {(8192, 4096, 64), (8192, 14336, 64)}
+    assert set(picks.values()) == {(256, 64, 8), (128, 64, 4)}
+    m, n = 300, 90
+    for tiles, r in ((big, 70), (picks[8192, 4096, 64], 61), (picks[8192, 1024, 64], 7)):
+        dy, b, xa = torch.randn(m, n), torch.randn(n, r), torch.randn(m, r)
+        g, db = torch.zeros(m, r), torch.zeros(n, r)
+        K.lora_dy(dy, b, xa, 0.5, 2.0, g, db, tiles=tiles)
+        assert rel_err(g, 2.0 * dy.double() @ b.double()) <= TOL[torch.float32]
+        assert rel_err(db, 0.5 * dy.double().T @ xa.double()) <= TOL[torch.float32]
+
+
 def test_gemm_lora_with_a_mask_runs_the_pointer_kernel(monkeypatch):
     """gemm_lora with a dropout mask, at shapes the TMA kernel could take: the pointer kernel generates the mask (the
     TMA kernel only reads it as bits) and lora_grad_a computes dA; both match fp64."""

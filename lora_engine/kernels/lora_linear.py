@@ -920,17 +920,39 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
     return (out, y) if has_up else out
 
 
-def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
+def _dy_splits(M: int, N: int, block_m: int, block_n: int, sms: int) -> int:
+    """lora_dy's splits of N: enough for the grid to cover the GPU about twice over; each adds M·R atomics to g."""
+    return max(1, min(cdiv(N, block_n), cdiv(2 * sms, cdiv(M, block_m))))
+
+
+@functools.lru_cache(maxsize=256)
+def _dy_tiles(M: int, N: int, r_pad: int, sms: int) -> tuple:
+    """lora_dy's (BLOCK_M, BLOCK_N, num_warps). Its fp32 atomics are dB's, ceil(M / BLOCK_M)·N·R, and g's,
+    splits·M·R. At rank 64 they bound the kernel where N is large: there 256-row blocks halve dB's and take fewer
+    atomics in all (on an H200, 8192 rows: 61.5 -> 40.1 µs at N = 4096, 204 -> 149 at 14336; at N = 1024 the
+    counts tie, and 2048² has more with them, 15.1 against 17.2 and 9.4 against 14.2 µs). At rank 16 dy's read
+    bounds it and 128 rows are as fast or faster (benchmarks/RESULTS.md)."""
+    if _INTERPRET:
+        return 32, 32, 4
+    if r_pad > 64:
+        return 64, 64, 8
+    if r_pad == 64:
+        atomics = lambda bm: cdiv(M, bm) * N + _dy_splits(M, N, bm, 64, sms) * M
+        if atomics(256) < atomics(128):
+            return 256, 64, 8
+    return 128, 64, 4
+
+
+def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
     """From dy (M, N), lora_b (N, R), xa (M, R), accumulate into zeroed fp32 buffers:
-    g (M, R) += g_scale·dy·lora_b, db (N, R) += scale·dyᵀ·xa, dbias (N,) += Σ_m dy (when given)."""
+    g (M, R) += g_scale·dy·lora_b, db (N, R) += scale·dyᵀ·xa, dbias (N,) += Σ_m dy (when given).
+    tiles: (BLOCK_M, BLOCK_N, num_warps) instead of the default, for benchmarks."""
     M, N = dy.shape
     R = lora_b.shape[1]
     r_pad = _rank_pad(R)
-    block_m = 32 if _INTERPRET else (128 if r_pad <= 64 else 64)
-    block_n = 32 if _INTERPRET else 64
-    m_blocks = cdiv(M, block_m)
-    # Split N so the grid covers the GPU about twice over; every split adds M·R atomics to g.
-    splits = max(1, min(cdiv(N, block_n), cdiv(2 * num_sms(dy.device, 4), m_blocks)))
+    sms = num_sms(dy.device, 4)
+    block_m, block_n, warps = tiles if tiles is not None else _dy_tiles(M, N, r_pad, sms)
+    m_blocks, splits = cdiv(M, block_m), _dy_splits(M, N, block_m, block_n, sms)
     n_per_split = cdiv(cdiv(N, splits), block_n) * block_n
     splits = cdiv(N, n_per_split)
     launch(
@@ -941,7 +963,7 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None):
          float(scale), float(g_scale)),
         dict(HAS_BIAS_GRAD=dbias is not None, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
              R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n),
-        num_warps=4 if r_pad <= 64 else 8, num_stages=3,
+        num_warps=warps, num_stages=3,
     )
 
 
