@@ -362,7 +362,7 @@ def check_row_units() -> float:
                 dx_ref = dy.double() @ w.double() + keep * (g_op @ a.to(dtype).double())
                 da_ref = g_op.T @ (keep * x.double())
                 for chunk_m in (1, 2, 3, None):
-                    cfg = K._tma_config(masked=p > 0) | ({} if chunk_m is None else dict(CHUNK_M=chunk_m))
+                    cfg = K._tma_config() | ({} if chunk_m is None else dict(CHUNK_M=chunk_m))
                     da = torch.zeros(r, k, device="cuda")
                     dx = K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, dtype, mask_bits=bits, da=da, da_x=x,
                                          config=cfg)
@@ -386,7 +386,7 @@ def part7_row(m, k, n, r=16) -> None:
     auto = K._unit_blocks(math.ceil(k / cfg["BLOCK_N"]), math.ceil(m / cfg["BLOCK_M"]), K.num_sms(x.device, 4))
 
     def dx(chunk_m, masked):
-        c = K._tma_config(masked=masked) | dict(CHUNK_M=chunk_m)
+        c = K._tma_config() | dict(CHUNK_M=chunk_m)
         return lambda: K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, x.dtype, mask_bits=bits if masked else None,
                                        da=da, da_x=x, config=c)
 

@@ -715,17 +715,15 @@ def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.stride(1) == 1 and _tma_ready(a) and _tma_ready(b) and (b.shape[0] * a.element_size()) % 16 == 0
 
 
-def _tma_config(masked: bool = False) -> dict:
+def _tma_config() -> dict:
     # (128, 256, 64), 8 warps, 3 stages, epilogue in halves: within 2-6% of cuBLAS with the rank-16 epilogue at
     # the four shapes of bench_kernels.py on an H100 (benchmarks/profile_gemm.py; flattening the tile loop
-    # as Triton's persistent tutorial does cost 15-20% with the epilogue's loads). With a dropout mask the
-    # epilogue runs in quarters: its masked LoRA tile beside the accumulator spills in halves (1.49x vs 1.31x
-    # of cuBLAS at 8192x4096->4096, measured with the mask generated in the epilogue; with the mask read from bits,
-    # halves against quarters has not been timed again).
+    # as Triton's persistent tutorial does cost 15-20% with the epilogue's loads). Halves with the dropout mask too:
+    # read from bits, the masked epilogue in halves is as fast as in quarters or 2-5 µs faster (H200; quarters
+    # paid while the epilogue generated the mask itself).
     if _INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPI_SPLIT=2, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=4 if masked else 2, num_warps=8,
-                num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=8, num_stages=3)
 
 
 # The forward's xa inside the TMA GEMM: computed once per unit of `_unit_blocks` consecutive column blocks of a row
@@ -796,7 +794,7 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
     (constexprs in signature order, num_warps, num_stages).
     flags: (HAS_BIAS, HAS_LORA, HAS_DOWN, HAS_DROPOUT, HAS_GRAD_A, B_ROWS_OUT, UPCAST, PRECISION)."""
     has_bias, has_lora, has_down, masked, has_da, rows_out, upcast, precision = flags
-    cfg = dict(config) if config is not None else _tma_config(masked=masked)
+    cfg = dict(config) if config is not None else _tma_config()
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     per_sm = cfg.pop("programs_per_sm", 1)
     resident *= per_sm
