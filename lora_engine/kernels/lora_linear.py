@@ -719,8 +719,8 @@ def _tma_config() -> dict:
     # (128, 256, 64), 8 warps, 3 stages, epilogue in halves: within 2-6% of cuBLAS with the rank-16 epilogue at
     # the four shapes of bench_kernels.py on an H100 (benchmarks/profile_gemm.py; flattening the tile loop
     # as Triton's persistent tutorial does cost 15-20% with the epilogue's loads). Halves with the dropout mask too:
-    # read from bits, the masked epilogue in halves is as fast as in quarters or 2-5 µs faster (H200; quarters
-    # paid while the epilogue generated the mask itself).
+    # read from bits, the masked epilogue in halves was 2-8 µs faster than in quarters at rank 16 and tied at rank 64
+    # (H200; quarters paid while the epilogue generated the mask itself).
     if _INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, EPI_SPLIT=2, num_warps=4, num_stages=1)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, EPI_SPLIT=2, num_warps=8, num_stages=3)
