@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from bench_kernels import fwd_bwd, make  # benchmarks/ is sys.path[0] when this script runs
-from profile_gemm import gpu_ms, keep_bits
+from profile_gemm import gpu_ms, keep_bits, rel
 
 from lora_engine import ops
 from lora_engine.kernels import lora_linear as K
@@ -24,10 +24,6 @@ from lora_engine.ops import dropout_keep_mask
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (2048, 2048, 2048)]
 DY_TILES = [None, (128, 64, 4), (64, 64, 4), (256, 64, 8), (256, 32, 8), (128, 128, 8), (128, 32, 4)]
 FWD_TILES = [None, (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2)]
-
-
-def rel(o, r):
-    return ((o.double() - r).norm() / r.norm()).item()
 
 
 def tol(dtype):
