@@ -407,6 +407,23 @@ def test_tma_gemm_refuses_conflicting_lora_operands():
         K.lora_grad_a(torch.randn(16, 4), a, 1.0, torch.zeros(4, 32), keep_bits=torch.zeros(16, 4, dtype=torch.uint8))
 
 
+def test_wrong_mask_bits_are_refused_before_anything_is_written():
+    """A keep_bits or mask_bits buffer of the wrong shape or dtype is refused with its message before any launch: the
+    buffers handed in (bits, dA) are as they were."""
+    a, b, g = torch.randn(16, 32), torch.randn(24, 32), torch.randn(16, 4)
+    da = torch.zeros(4, 32)
+    for bits in (torch.full((16, 3), 0xAA, dtype=torch.uint8), torch.full((16, 4), 0xAA, dtype=torch.int16)):
+        before = bits.clone()
+        with pytest.raises(ValueError, match=r"keep_bits must be a \(16, 4\) uint8 tensor"):
+            K.lora_grad_a(g, a, 1.0, da, mask_seed=torch.tensor([1]), threshold=K.dropout_threshold(0.5),
+                          keep_bits=bits)
+        assert torch.equal(bits, before) and not da.any()
+    bits = torch.full((16, 4), 0xAA, dtype=torch.uint8)  # (16, ceil(24 / 8)) = (16, 3) expected
+    with pytest.raises(ValueError, match=r"mask_bits must be a \(16, 3\) uint8 tensor"):
+        K.gemm_lora_tma(a, b, None, g, torch.randn(24, 4), 1.0, a.dtype, mask_bits=bits)
+    assert torch.equal(bits, torch.full((16, 4), 0xAA, dtype=torch.uint8))
+
+
 def test_auto_fuses_large_aligned_gemms(monkeypatch):
     """"auto" runs one Triton GEMM (the TMA kernel) at TMA-aligned shapes of at least `_TRITON_MIN_MACS`. On that
     path the forward computes xa inside the GEMM when there is no dropout mask and `down_in_gemm` says it pays, and
