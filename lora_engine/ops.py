@@ -96,8 +96,8 @@ def _draw_seed_tensor(device: torch.device | str | None = None) -> torch.Tensor:
 #   "cublas": a Triton kernel writes the LoRA term (with bias, or the dropout mask in backward),
 #             then cuBLAS accumulates x·Wᵀ onto it in place (addmm_, beta=1);
 #   "triton": one Triton GEMM with the LoRA term in its epilogue (y written once): the persistent TMA
-#             kernel on Hopper (which without dropout also takes dA in the backward, and xa in the forward
-#             where that pays), a pointer-based kernel elsewhere;
+#             kernel on Hopper (which without dropout also takes dA in the backward behind a long enough K-loop,
+#             and xa in the forward where that pays), a pointer-based kernel elsewhere;
 #   "auto" (default): "triton" where the TMA kernel runs (Hopper, TMA-aligned, at least _TRITON_MIN_MACS
 #             multiply-adds), else "cublas". On an H100 the TMA kernel with the epilogue is within 2-6% of cuBLAS
 #             alone, which saves the extra write and read of the LoRA term; the pointer kernel is 1.1-1.3x slower
@@ -112,6 +112,11 @@ BASE_GEMMS = ("auto", "cublas", "triton")
 _base_gemm = os.environ.get("LORA_ENGINE_BASE_GEMM", "auto")
 _TRITON_MIN_MACS = 1 << 30
 _MASK_BITS = True
+# Without dropout, dA rides in the TMA dx GEMM's epilogue where that GEMM's K-loop (dy's columns) is at least this
+# long; behind a shorter one its own pass over x (`lora_grad_a`) costs less. On an H200, bf16, 8192 rows of x by 4096:
+# behind a K-loop of 1024 the epilogue's dA cost 22 / 31 / 40 µs at rank 16 / 32 / 64 against 19 / 22 / 28 for the
+# pass; behind 2048 (2048 rows) and 4096 the epilogue was cheaper at every rank (benchmarks/RESULTS.md).
+_DA_IN_EPILOGUE_MIN_K = 2048
 
 
 def set_base_gemm(name: str) -> None:
@@ -268,9 +273,13 @@ class LoRALinearFunction(torch.autograd.Function):
             K.lora_grad_a(g, x2, 1.0, da, mask_seed=seed, threshold=threshold, keep_bits=bits)
             dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_bits=bits).view(x_shape)
         elif path == "tma" and seed is None:
-            # dx = dy·W + g·A in one GEMM (W read as (in, out) and A as (in, r) via strides), dA = gᵀ·x in its epilogue.
-            dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, da=da if need_a else None,
+            # dx = dy·W + g·A in one GEMM (W read as (in, out) and A as (in, r) via strides), dA = gᵀ·x in its epilogue,
+            # or in its own pass behind a short K-loop.
+            fuse_da = need_a and N >= _DA_IN_EPILOGUE_MIN_K
+            dx = K.gemm_lora_tma(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, da=da if fuse_da else None,
                                  da_x=x2).view(x_shape)
+            if need_a and not fuse_da:
+                K.lora_grad_a(g, x2, 1.0, da)
         elif path == "pointer":
             # The same with the pointer kernel, which generates the mask in its epilogue; dA from a pass over x.
             dx = K.gemm_lora(dy2, w_t, None, g, a.t(), 1.0, x2.dtype, mask_seed=seed, threshold=threshold,

@@ -427,7 +427,8 @@ def test_wrong_mask_bits_are_refused_before_anything_is_written():
 def test_auto_fuses_large_aligned_gemms(monkeypatch):
     """"auto" runs one Triton GEMM (the TMA kernel) at TMA-aligned shapes of at least `_TRITON_MIN_MACS`. On that
     path the forward computes xa inside the GEMM when there is no dropout mask and `down_in_gemm` says it pays, and
-    the backward takes dA in the dx GEMM's epilogue: no separate xa or dA pass runs. With dropout, dA's pass writes
+    the backward takes dA in the dx GEMM's epilogue where that GEMM's K-loop (dy's columns) is at least
+    `_DA_IN_EPILOGUE_MIN_K` long, else from its own pass over x. With dropout, dA's pass writes
     the mask as bits for the dx GEMM, at any rank. The op matches fp64 on every path."""
     from lora_engine import ops
 
@@ -452,6 +453,9 @@ def test_auto_fuses_large_aligned_gemms(monkeypatch):
         monkeypatch.setattr(ops, "_TRITON_MIN_MACS", 0)
         assert ops._fused_gemm(a, b) == "tma"
         assert not ops._fused_gemm(torch.randn(64, 30), torch.randn(48, 30))
+        monkeypatch.setattr(ops, "_DA_IN_EPILOGUE_MIN_K", 25)  # dy's 24 columns, a short K-loop: dA's own pass
+        assert passes(0.0) == ["lora_dy", "lora_grad_a"]
+        monkeypatch.setattr(ops, "_DA_IN_EPILOGUE_MIN_K", 24)
         assert passes(0.0) == ["lora_dy"]
         # the masked dx term from the mask dA's pass writes as bits; without them, the cuBLAS path
         assert passes(0.2) == ["lora_down", "lora_dy", "lora_grad_a with bits"]
