@@ -323,6 +323,53 @@ def test_lora_dy_takes_256_row_blocks_at_rank_64_where_they_mean_fewer_atomics(m
         assert rel_err(db, 0.5 * dy.double().T @ xa.double()) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_down_splits_k_and_sums_xa_with_atomics(splits, p):
+    """With an fp32 output, lora_down may split K over programs that add their shares of xa with atomics: right for
+    splits that leave a partial last block (232 columns in blocks of 32) and more splits than blocks (8 asked, 8
+    blocks), masked or not."""
+    m, k, r = 37, 8 * 29, 5
+    x, a = torch.randn(m, k), torch.randn(r, k)
+    seed = torch.tensor([3]) if p else None
+    xa = K.lora_down(x, a, 0.5, torch.float32, mask_seed=seed, threshold=K.dropout_threshold(p), splits=splits)
+    keep = dropout_keep_mask(3, m, k, p).double() if p else 1.0
+    assert xa.dtype == torch.float32
+    assert rel_err(xa, 0.5 * (keep * x.double()) @ a.double().T) <= TOL[torch.float32]
+
+
+def test_lora_down_splits_only_into_fp32_without_the_up_projection():
+    """Atomics sum in fp32 and the up-projection needs the whole xa: a split asked with a half-precision output or
+    with lora_b is refused, with what it needs."""
+    x, a, b = torch.randn(20, 64), torch.randn(4, 64), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="out_dtype=torch.float32 and no lora_b"):
+        K.lora_down(x.half(), a, 1.0, torch.float16, splits=2)
+    with pytest.raises(ValueError, match="out_dtype=torch.float32 and no lora_b"):
+        K.lora_down(x, a, 1.0, torch.float32, lora_b=b, splits=2)
+    xa, y = K.lora_down(x, a, 1.0, torch.float32, lora_b=b, splits=1)
+    assert rel_err(y, x.double() @ a.double().T @ b.double().T) <= TOL[torch.float32]
+
+
+def test_lora_down_plan_splits_the_masked_pass_where_it_measured_faster(monkeypatch):
+    """On a GPU, `_down_plan` splits K for the masked pass into fp32 at ranks up to 32 (8 splits at 8192×4096 and
+    2048²) and at rank 64 where the row blocks do not fill the GPU (2048², 4 splits); never unmasked or where the
+    output cannot take atomics. Each tiling it picks is right under the interpreter, on an odd shape."""
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    plan = {(m, k, r, masked, ok): K._down_plan(m, k, r, masked, ok, 132) for m, k in ((8192, 4096), (2048, 2048))
+            for r in (16, 64) for masked in (False, True) for ok in (False, True)}
+    monkeypatch.undo()
+    assert {key: tiles for key, tiles in plan.items() if tiles[3] > 1} == {
+        (8192, 4096, 16, True, True): (64, 64, 4, 8), (2048, 2048, 16, True, True): (64, 64, 4, 8),
+        (2048, 2048, 64, True, True): (32, 128, 4, 4)}
+    m, k, r, p = 70, 8 * 37, 13, 0.3
+    x, a = torch.randn(m, k), torch.randn(r, k)
+    keep = dropout_keep_mask(4, m, k, p).double()
+    for bm, bk, warps, splits in set(plan.values()):
+        xa = K.lora_down(x, a, 2.0, torch.float32, mask_seed=torch.tensor([4]), threshold=K.dropout_threshold(p),
+                         tiles=(bm, bk, warps), splits=splits)
+        assert rel_err(xa, 2.0 * (keep * x.double()) @ a.double().T) <= TOL[torch.float32]
+
+
 def test_gemm_lora_with_a_mask_runs_the_pointer_kernel(monkeypatch):
     """gemm_lora with a dropout mask, at shapes the TMA kernel could take: the pointer kernel generates the mask (the
     TMA kernel only reads it as bits) and lora_grad_a computes dA; both match fp64."""

@@ -466,16 +466,18 @@ def _gemm_heuristic(M: int, N: int) -> dict:
 @triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, out_ptr, b_ptr, bias_ptr, y_ptr,
-    M, K, R, N,
+    M, K, R, N, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or, stride_bn, stride_br, stride_ym, stride_yn,
     scale, seed_ptr, threshold,
-    HAS_DROPOUT: tl.constexpr, HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[M, R] = scale · (mask ⊙ x[M, K]) · a[R, K]ᵀ; one pass over x. With HAS_UP, also
-    y[M, N] = out · b[N, R]ᵀ (+ bias[N]) from out as rounded and stored."""
+    """out[M, R] = scale · (mask ⊙ x[M, K]) · a[R, K]ᵀ; one pass over x. With SPLIT_K, program (i, j) takes columns
+    [j·k_per_split, (j+1)·k_per_split) and adds its share to a zeroed fp32 out with atomics. With HAS_UP (not with
+    SPLIT_K), also y[M, N] = out · b[N, R]ᵀ (+ bias[N]) from out as rounded and stored."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     offs_k = tl.arange(0, BLOCK_K)
@@ -484,9 +486,11 @@ def _lora_down_kernel(
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_s * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
-        k_ok = ks < K
+        k_ok = ks < k_end
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=mask_m[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
@@ -499,9 +503,12 @@ def _lora_down_kernel(
         else:
             at = at.to(x.dtype)
         acc = tl.dot(x, tl.trans(at), acc, input_precision=PRECISION)
-    xa = (acc * scale).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or,
-             xa, mask=mask_m[:, None] & mask_r[None, :])
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or
+    if SPLIT_K:
+        tl.atomic_add(out_ptrs, acc * scale, mask=mask_m[:, None] & mask_r[None, :], sem="relaxed")
+    else:
+        xa = (acc * scale).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, xa, mask=mask_m[:, None] & mask_r[None, :])
     if HAS_UP:
         if UPCAST:
             xa = xa.to(tl.float32)
@@ -879,38 +886,63 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=No
     return (out, c) if has_down else out
 
 
-def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_b=None, bias=None, tiles=None):
+def _down_plan(M: int, K: int, r_pad: int, masked: bool, split_ok: bool, sms: int) -> tuple:
+    """`lora_down`'s (BLOCK_M, BLOCK_K, num_warps, splits of K). Unmasked, a read of x bound by bandwidth: enough row
+    blocks to cover the GPU about twice. Masked, the Philox mask's integer work bounds it, and more programs hide more
+    of it: where its output may be summed with fp32 atomics (split_ok), K is split. On an H200, bf16, µs, the masked
+    pass at 8192×4096 went 40.1 -> 33.7 at rank 16 ((64, 64, 4), 8 splits), and at 2048² 16.1 -> 7.1 at rank 16 and
+    20.6 -> 10.1 at rank 64 ((32, 128, 4), 4 splits); rank 64 at 8192 rows kept its tiles, unsplit (53.1 against
+    52-59 split), as did the unmasked pass (21.2 against 19.6-25.2 split) (benchmarks/RESULTS.md)."""
+    if _INTERPRET:
+        return 32, 32, 4, (2 if split_ok and K > 32 else 1)
+    block_m = 64 if (r_pad <= 64 and cdiv(M, 64) >= 2 * sms) else 32
+    block_k, warps, splits = (128 if r_pad <= 64 else 64), 4, 1
+    if masked and split_ok and r_pad <= 32:
+        block_m, block_k = 64, 64
+        splits = min(8, cdiv(K, block_k), cdiv(8 * sms, cdiv(M, block_m)))
+    elif masked and split_ok and r_pad == 64 and cdiv(M, block_m) < sms:
+        splits = min(4, cdiv(K, block_k), cdiv(2 * sms, cdiv(M, block_m)))
+    return block_m, block_k, warps, splits
+
+
+def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_b=None, bias=None, tiles=None,
+              splits=None):
     """xa = scale · (mask ⊙ x) · lora_aᵀ: x (M, K), lora_a (R, K) -> (M, R) of out_dtype.
 
     With lora_b (N, R) given, returns (xa, y) with y = xa · lora_bᵀ (+ bias) of shape (M, N), computed
     from xa as rounded to out_dtype (the LoRA term of the forward, one launch). lora_a and lora_b may be
     fp32 with x in half precision: they are rounded to x's dtype in-kernel.
+    With an fp32 out_dtype and no lora_b, the pass may split K over programs that sum into xa with atomics
+    (`_down_plan`; splits: how many, instead of its choice). xa is then a sum in a different order: not bitwise
+    repeatable from run to run.
     tiles: optional (BLOCK_M, BLOCK_K, num_warps) override, for benchmarks.
     """
     M, K = x.shape
     R = lora_a.shape[0]
-    out = torch.empty((M, R), device=x.device, dtype=out_dtype)
     has_up = lora_b is not None
+    split_ok = out_dtype == torch.float32 and not has_up
+    if splits is not None and splits > 1 and not split_ok:
+        raise ValueError("lora_down: splitting K sums xa with fp32 atomics: it needs out_dtype=torch.float32 and "
+                         "no lora_b")
+    r_pad = _rank_pad(R)
+    block_m, block_k, warps, auto_splits = _down_plan(M, K, r_pad, mask_seed is not None, split_ok,
+                                                      num_sms(x.device, 4))
+    if tiles is not None:
+        block_m, block_k, warps = tiles
+    k_per_split = cdiv(cdiv(K, splits if splits is not None else auto_splits), block_k) * block_k
+    num_splits = cdiv(K, k_per_split)
+    split_k = num_splits > 1
+    out = (torch.zeros if split_k else torch.empty)((M, R), device=x.device, dtype=out_dtype)
     N = lora_b.shape[0] if has_up else 1
     y = torch.empty((M, N), device=x.device, dtype=out_dtype) if has_up else out
     b_ = lora_b if has_up else lora_a
-    r_pad = _rank_pad(R)
-    if _INTERPRET:
-        block_m, block_k = 32, 32
-    else:
-        # A bandwidth-bound read of x: enough row blocks to cover the GPU about twice.
-        block_m = 64 if (r_pad <= 64 and cdiv(M, 64) >= 2 * num_sms(x.device, 4)) else 32
-        block_k = 128 if r_pad <= 64 else 64
-    warps = 4
-    if tiles is not None:
-        block_m, block_k, warps = tiles
     launch(
-        _lora_down_kernel, (cdiv(M, block_m),),
-        (x, lora_a, out, b_, bias if bias is not None else out, y, M, K, R, N,
+        _lora_down_kernel, (cdiv(M, block_m), num_splits),
+        (x, lora_a, out, b_, bias if bias is not None else out, y, M, K, R, N, k_per_split,
          x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
          b_.stride(0), b_.stride(1), y.stride(0), y.stride(1),
          float(scale), mask_seed if mask_seed is not None else out, threshold),
-        dict(HAS_DROPOUT=mask_seed is not None, HAS_UP=has_up, HAS_BIAS=bias is not None,
+        dict(HAS_DROPOUT=mask_seed is not None, HAS_UP=has_up, HAS_BIAS=bias is not None, SPLIT_K=split_k,
              UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), R_PAD=r_pad, BLOCK_M=block_m,
              BLOCK_K=block_k, BLOCK_N=32 if _INTERPRET else 64),
         num_warps=warps, num_stages=3,
