@@ -265,13 +265,14 @@ def test_dropout_mask_travels_as_bits_from_grad_a_to_the_tma_gemm(m, k8, n8, r, 
 @pytest.mark.parametrize("r", [1, 16, 40, 100])
 @pytest.mark.parametrize("has_dx", [False, True])
 def test_grad_a_with_each_tiling_it_uses_on_a_gpu(monkeypatch, r, has_dx):
-    """The tilings `_grad_a_tiles` picks on a GPU for each rank class (up to 16, up to 64, above), mode and x's
-    element size (2 and 4 bytes), run under the interpreter on a width that leaves a partial last tile: dA, dx's
-    masked term and the mask's bits are right."""
+    """The tilings `_grad_a_tiles` picks on a GPU for each rank class (up to 16, up to 64, above), mode (with or
+    without dx's term or the mask's bits) and x's element size (2 and 4 bytes), run under the interpreter on a
+    width that leaves a partial last tile: dA, dx's masked term and the mask's bits are right."""
     monkeypatch.setattr(K, "_INTERPRET", False)
-    tilings = [K._grad_a_tiles(K._rank_pad(r), has_dx, itemsize) for itemsize in (2, 4)]
+    tilings = [K._grad_a_tiles(K._rank_pad(r), has_dx, itemsize, bits) for itemsize in (2, 4)
+               for bits in ((False,) if has_dx else (False, True))]
     monkeypatch.undo()
-    assert tilings[1][0] * tilings[1][1] <= 32 * 128  # fp32 x: no larger a tile than the (32, 128) of before
+    assert all(t[0] * t[1] <= 32 * 128 for t in tilings[len(tilings) // 2:])  # fp32 x: tiles no larger than before
     m, k, p = 70, 8 * 37, 0.3
     x, g, a = torch.randn(m, k), torch.randn(m, r), torch.randn(r, k)
     keep = dropout_keep_mask(5, m, k, p)
@@ -289,16 +290,19 @@ def test_grad_a_with_each_tiling_it_uses_on_a_gpu(monkeypatch, r, has_dx):
 
 
 def test_grad_a_picks_its_tiles_by_rank_mode_and_element_size(monkeypatch):
-    """Without `tiles=`, lora_grad_a asks `_grad_a_tiles` with the padded rank, whether it writes dx's term, and
-    x's element size."""
+    """Without `tiles=`, lora_grad_a asks `_grad_a_tiles` with the padded rank, whether it writes dx's term, x's
+    element size and whether it writes the mask's bits."""
     seen, real = [], K._grad_a_tiles
     monkeypatch.setattr(K, "_grad_a_tiles", lambda *args: seen.append(args) or real(*args))
     m, k = 20, 24
-    for dtype, has_dx, r in ((torch.float16, True, 40), (torch.float32, False, 3)):
+    for dtype, has_dx, r, bits in ((torch.float16, True, 40, False), (torch.float32, False, 3, False),
+                                   (torch.float16, False, 9, True)):
         x, g = torch.randn(m, k).to(dtype), torch.randn(m, r)
         K.lora_grad_a(g, x, 1.0, torch.zeros(r, k), lora_a=torch.randn(r, k) if has_dx else None,
-                      dx=torch.empty(m, k, dtype=dtype) if has_dx else None)
-    assert seen == [(64, True, 2), (16, False, 4)]
+                      dx=torch.empty(m, k, dtype=dtype) if has_dx else None,
+                      mask_seed=torch.tensor([1]) if bits else None, threshold=K.dropout_threshold(0.5),
+                      keep_bits=torch.empty(m, k // 8, dtype=torch.uint8) if bits else None)
+    assert seen == [(64, True, 2, False), (16, False, 4, False), (16, False, 2, True)]
 
 
 def test_lora_dy_takes_256_row_blocks_at_rank_64_where_they_mean_fewer_atomics(monkeypatch):

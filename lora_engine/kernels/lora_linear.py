@@ -997,7 +997,7 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
     )
 
 
-def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2) -> tuple:
+def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2, bits: bool = False) -> tuple:
     """(BLOCK_M, BLOCK_K, num_warps) of `lora_grad_a` for x of `itemsize` bytes, from a sweep of five tilings per
     mode on an H200 at 8192×4096, bf16, r16 and r64 (benchmarks/sweep_grad_a.py; one tiling per mode and rank class,
     so the fastest but for the masked dx term at r64, where (64, 256, 8) was 7 µs faster masked and slower unmasked).
@@ -1005,12 +1005,16 @@ def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2) -> tuple:
     with the mask and its bits 52 against 63 / 64 against 83; dA with dx's LoRA term 49 against 55 / 71 against 105;
     the same masked 80 against 85 / 119 against 184. At 2048² the chosen tilings are within ~1.5 µs of the old one.
     For fp32 x at ranks up to 64 the tile keeps the bytes of the bf16 one (half the columns; not timed), so its
-    pipelined copies fit the shared memory of GPUs with ~100 KB per SM, as the (32, 128) tiles before did."""
+    pipelined copies fit the shared memory of GPUs with ~100 KB per SM, as the (32, 128) tiles before did.
+    With the mask's bits (Hopper's dropout) at ranks up to 16, 16-row blocks (4 warps), which `lora_grad_a` gives
+    twice the splits of M: 53.7 -> 49.5 µs at 8192×4096, 15.8 -> 14.5 at 8192×1024, 9.8 -> 9.3 at 2048²."""
     if _INTERPRET:
         return 32, 32, 4
     if r_pad > 64:
         return 32, 64, 8
-    if has_dx:
+    if bits and r_pad <= 16:
+        block_m, block_k, warps = 16, 256, 4
+    elif has_dx:
         block_m, block_k, warps = (32, 256, 4) if r_pad <= 16 else (64, 128, 4)
     else:
         block_m, block_k, warps = (32, 256, 8) if r_pad <= 16 else (32, 256, 4)
@@ -1032,9 +1036,11 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
         raise ValueError(f"lora_grad_a: keep_bits must be a ({M}, {cdiv(K, 8)}) uint8 tensor with unit column stride, "
                          "and needs mask_seed")
     r_pad = _rank_pad(R)
-    block_m, block_k, warps = _grad_a_tiles(r_pad, has_dx, x.element_size()) if tiles is None else tiles
+    block_m, block_k, warps = _grad_a_tiles(r_pad, has_dx, x.element_size(), has_bits) if tiles is None else tiles
     k_blocks = cdiv(K, block_k)
-    splits = max(1, min(cdiv(M, block_m), cdiv(2 * num_sms(x.device, 4), k_blocks)))
+    # Splits of M so that the grid covers the GPU about twice, or four times with blocks of 16 rows.
+    waves = 4 if block_m < 32 else 2
+    splits = max(1, min(cdiv(M, block_m), cdiv(waves * num_sms(x.device, 4), k_blocks)))
     m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     splits = cdiv(M, m_per_split)
     a_ = lora_a if has_dx else x
