@@ -359,9 +359,11 @@ def test_lora_down_plan_splits_the_masked_pass_where_it_measured_faster(monkeypa
     2048²) and at rank 64 where the row blocks do not fill the GPU (2048², 4 splits); never unmasked or where the
     output cannot take atomics. Each tiling it picks is right under the interpreter, on an odd shape."""
     monkeypatch.setattr(K, "_INTERPRET", False)
+    K._down_plan.cache_clear()
     plan = {(m, k, r, masked, ok): K._down_plan(m, k, r, masked, ok, 132) for m, k in ((8192, 4096), (2048, 2048))
             for r in (16, 64) for masked in (False, True) for ok in (False, True)}
     monkeypatch.undo()
+    K._down_plan.cache_clear()
     assert {key: tiles for key, tiles in plan.items() if tiles[3] > 1} == {
         (8192, 4096, 16, True, True): (64, 64, 4, 8), (2048, 2048, 16, True, True): (64, 64, 4, 8),
         (2048, 2048, 64, True, True): (32, 128, 4, 4)}

@@ -886,6 +886,7 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=No
     return (out, c) if has_down else out
 
 
+@functools.lru_cache(maxsize=256)
 def _down_plan(M: int, K: int, r_pad: int, masked: bool, split_ok: bool, sms: int) -> tuple:
     """`lora_down`'s (BLOCK_M, BLOCK_K, num_warps, splits of K). Unmasked, a read of x bound by bandwidth: enough row
     blocks to cover the GPU about twice. Masked, the Philox mask's integer work bounds it, and more programs hide more
@@ -1006,14 +1007,15 @@ def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2, bits: bool = Fals
     the same masked 80 against 85 / 119 against 184. At 2048² the chosen tilings are within ~1.5 µs of the old one.
     For fp32 x at ranks up to 64 the tile keeps the bytes of the bf16 one (half the columns; not timed), so its
     pipelined copies fit the shared memory of GPUs with ~100 KB per SM, as the (32, 128) tiles before did.
-    With the mask's bits (Hopper's dropout) at ranks up to 16, 16-row blocks (4 warps), which `lora_grad_a` gives
-    twice the splits of M: 53.7 -> 49.5 µs at 8192×4096, 15.8 -> 14.5 at 8192×1024, 9.8 -> 9.3 at 2048²."""
+    With the mask's bits (Hopper's dropout) at ranks up to 64, 16-row blocks (4 warps), which `lora_grad_a` gives
+    twice the splits of M: at rank 16, (16, 256), 53.7 -> 49.5 µs at 8192×4096, 15.8 -> 14.5 at 8192×1024, 9.8 -> 9.3
+    at 2048²; at rank 64, (16, 128), 54.2 -> 54.8, 19.7 -> 16.2 and 14.0 -> 11.4."""
     if _INTERPRET:
         return 32, 32, 4
     if r_pad > 64:
         return 32, 64, 8
-    if bits and r_pad <= 16:
-        block_m, block_k, warps = 16, 256, 4
+    if bits and r_pad <= 64:
+        block_m, block_k, warps = 16, (256 if r_pad <= 16 else 128), 4
     elif has_dx:
         block_m, block_k, warps = (32, 256, 4) if r_pad <= 16 else (64, 128, 4)
     else:
