@@ -1008,8 +1008,9 @@ def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2, bits: bool = Fals
     For fp32 x at ranks up to 64 the tile keeps the bytes of the bf16 one (half the columns; not timed), so its
     pipelined copies fit the shared memory of GPUs with ~100 KB per SM, as the (32, 128) tiles before did.
     With the mask's bits (Hopper's dropout) at ranks up to 64, 16-row blocks (4 warps), which `lora_grad_a` gives
-    twice the splits of M: at rank 16, (16, 256), 53.7 -> 49.5 µs at 8192×4096, 15.8 -> 14.5 at 8192×1024, 9.8 -> 9.3
-    at 2048²; at rank 64, (16, 128), 54.2 -> 54.8, 19.7 -> 16.2 and 14.0 -> 11.4."""
+    twice the splits of M. Against the tiles before, µs at 8192×4096 / 8192×1024 / 2048²: rank 16, (16, 256), 48.5 /
+    13.4 / 8.2 against 52.6 / 14.8 / 8.8; rank 32, (16, 128), 57.0 / 15.1 / 9.0 against 60.6 / 18.7 / 11.1; rank 64,
+    (16, 128), 49.7 / 15.3 / 10.2 against 53.1 / 18.9 / 12.6."""
     if _INTERPRET:
         return 32, 32, 4
     if r_pad > 64:
