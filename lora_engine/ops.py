@@ -231,9 +231,9 @@ def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
         xa, y = K.lora_down(x2, lora_a, scale, x2.dtype, mask_seed=seed, threshold=threshold, lora_b=lora_b,
                             bias=bias)
         return y.addmm_(x2, weight.t()), xa
-    # xa in fp32 lets the masked pass split K over more programs (`K._down_plan`); the GEMM and backward round it.
-    xa = K.lora_down(x2, lora_a, scale, x2.dtype if seed is None else torch.float32, mask_seed=seed,
-                     threshold=threshold)
+    # The masked pass may split K over more programs (`K._down_plan`): xa then comes back in fp32, which the GEMM and
+    # backward round to x's dtype.
+    xa = K.lora_down(x2, lora_a, scale, x2.dtype, mask_seed=seed, threshold=threshold, may_split=True)
     gemm = K.gemm_lora_tma if path == "tma" else K.gemm_lora
     return gemm(x2, weight, bias, xa, lora_b, 1.0, x2.dtype), xa
 
@@ -241,7 +241,7 @@ def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
 class LoRALinearFunction(torch.autograd.Function):
     """Fused LoRA linear with scale = scaling / (1 - p) and the keep test's integer threshold (both from
     `lora_linear`). Saves x (as given, no copy) and xa = scale · (mask ⊙ x)·Aᵀ of shape (M, r), in x's dtype
-    or, from the masked pass of the fused GEMMs' path, fp32 (the kernels round it to x's dtype); the dropout
+    or, where the masked pass of the fused GEMMs' path splits K, fp32 (the kernels round it to x's dtype); the dropout
     mask is regenerated in backward from its seed, a (1,) int64 device tensor (None: no dropout)."""
 
     @staticmethod

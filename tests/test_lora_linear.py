@@ -343,15 +343,26 @@ def test_lora_down_splits_k_and_sums_xa_with_atomics(splits, p):
 
 
 def test_lora_down_splits_only_into_fp32_without_the_up_projection():
-    """Atomics sum in fp32 and the up-projection needs the whole xa: a split asked with a half-precision output or
-    with lora_b is refused, with what it needs."""
+    """Atomics sum in fp32 and the up-projection needs the whole xa: a split asked with a half-precision output (and
+    no may_split) or with lora_b is refused, with what it needs. With may_split, a half-precision pass comes back in
+    fp32 where it splits (masked, under the interpreter: more than one 32-column block) and in its own dtype where
+    it does not."""
     x, a, b = torch.randn(20, 64), torch.randn(4, 64), torch.randn(8, 4)
-    with pytest.raises(ValueError, match="out_dtype=torch.float32 and no lora_b"):
+    needs = "may_split=True or out_dtype=torch.float32, and no lora_b"
+    with pytest.raises(ValueError, match=needs):
         K.lora_down(x.half(), a, 1.0, torch.float16, splits=2)
-    with pytest.raises(ValueError, match="out_dtype=torch.float32 and no lora_b"):
+    with pytest.raises(ValueError, match=needs):
         K.lora_down(x, a, 1.0, torch.float32, lora_b=b, splits=2)
     xa, y = K.lora_down(x, a, 1.0, torch.float32, lora_b=b, splits=1)
     assert rel_err(y, x.double() @ a.double().T @ b.double().T) <= TOL[torch.float32]
+    seed, thr = torch.tensor([6]), K.dropout_threshold(0.25)
+    for k, dtype in ((64, torch.float32), (32, torch.float16)):
+        xh = x[:, :k].half()
+        xa = K.lora_down(xh, a[:, :k], 1.0, torch.float16, mask_seed=seed, threshold=thr, may_split=True)
+        assert xa.dtype == dtype
+        keep = dropout_keep_mask(6, 20, k, 0.25).double()
+        assert rel_err(xa, (keep * xh.double()) @ a[:, :k].half().double().T) <= TOL[torch.float16]
+    assert K.lora_down(x.half(), a, 1.0, torch.float16, may_split=True).dtype == torch.float16  # unmasked: no split
 
 
 def test_lora_down_plan_splits_the_masked_pass_where_it_measured_faster(monkeypatch):

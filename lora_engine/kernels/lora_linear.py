@@ -895,7 +895,7 @@ def _down_plan(M: int, K: int, r_pad: int, masked: bool, split_ok: bool, sms: in
     20.6 -> 10.1 at rank 64 ((32, 128, 4), 4 splits); rank 64 at 8192 rows kept its tiles, unsplit (53.1 against
     52-59 split), as did the unmasked pass (21.2 against 19.6-25.2 split) (benchmarks/RESULTS.md)."""
     if _INTERPRET:
-        return 32, 32, 4, (2 if split_ok and K > 32 else 1)
+        return 32, 32, 4, (2 if masked and split_ok and K > 32 else 1)
     block_m = 64 if (r_pad <= 64 and cdiv(M, 64) >= 2 * sms) else 32
     block_k, warps, splits = (128 if r_pad <= 64 else 64), 4, 1
     if masked and split_ok and r_pad <= 32:
@@ -907,24 +907,24 @@ def _down_plan(M: int, K: int, r_pad: int, masked: bool, split_ok: bool, sms: in
 
 
 def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_b=None, bias=None, tiles=None,
-              splits=None):
+              splits=None, may_split=False):
     """xa = scale · (mask ⊙ x) · lora_aᵀ: x (M, K), lora_a (R, K) -> (M, R) of out_dtype.
 
     With lora_b (N, R) given, returns (xa, y) with y = xa · lora_bᵀ (+ bias) of shape (M, N), computed
     from xa as rounded to out_dtype (the LoRA term of the forward, one launch). lora_a and lora_b may be
     fp32 with x in half precision: they are rounded to x's dtype in-kernel.
-    With an fp32 out_dtype and no lora_b, the pass may split K over programs that sum into xa with atomics
-    (`_down_plan`; splits: how many, instead of its choice). xa is then a sum in a different order: not bitwise
-    repeatable from run to run.
+    may_split (without lora_b): let the pass split K over programs that sum into xa with fp32 atomics where
+    `_down_plan` says that pays; xa then comes back in fp32 whatever out_dtype, a sum in another order (not bitwise
+    repeatable from run to run). An fp32 out_dtype allows it too. splits: how many, instead of the plan's choice.
     tiles: optional (BLOCK_M, BLOCK_K, num_warps) override, for benchmarks.
     """
     M, K = x.shape
     R = lora_a.shape[0]
     has_up = lora_b is not None
-    split_ok = out_dtype == torch.float32 and not has_up
+    split_ok = (may_split or out_dtype == torch.float32) and not has_up
     if splits is not None and splits > 1 and not split_ok:
-        raise ValueError("lora_down: splitting K sums xa with fp32 atomics: it needs out_dtype=torch.float32 and "
-                         "no lora_b")
+        raise ValueError("lora_down: splitting K sums xa with fp32 atomics: it needs may_split=True or "
+                         "out_dtype=torch.float32, and no lora_b")
     r_pad = _rank_pad(R)
     block_m, block_k, warps, auto_splits = _down_plan(M, K, r_pad, mask_seed is not None, split_ok,
                                                       num_sms(x.device, 4))
@@ -933,7 +933,8 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
     k_per_split = cdiv(cdiv(K, splits if splits is not None else auto_splits), block_k) * block_k
     num_splits = cdiv(K, k_per_split)
     split_k = num_splits > 1
-    out = (torch.zeros if split_k else torch.empty)((M, R), device=x.device, dtype=out_dtype)
+    out = (torch.zeros((M, R), device=x.device, dtype=torch.float32) if split_k
+           else torch.empty((M, R), device=x.device, dtype=out_dtype))
     N = lora_b.shape[0] if has_up else 1
     y = torch.empty((M, N), device=x.device, dtype=out_dtype) if has_up else out
     b_ = lora_b if has_up else lora_a
