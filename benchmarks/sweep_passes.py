@@ -3,7 +3,8 @@ time alone (CUDA-graph replay), µs unless said:
 - r: what reading x can cost: a plain Triton read, `x.sum()`, and a copy (read + write), GB/s;
 - d: the forward's masked pass (`lora_down`): the default plan (K split into an fp32 xa where it pays) against the
   unsplit tiles of before and other splits;
-- g: dA's pass with the mask's bits (`lora_grad_a`, Hopper's dropout): the default tiles against others;
+- g: dA's pass with the mask's bits (`lora_grad_a`, Hopper's dropout), fed an fp32 g as the op does: the default
+  tiles against others;
 - a: dA in the dx GEMM's epilogue or in its own pass: the kernels, then the whole op at p = 0 (× the frozen base,
   two rounds, `ops._DA_IN_EPILOGUE_MIN_K` switched).
 
@@ -107,8 +108,8 @@ GRAD_A_TILINGS = [None, (32, 256, 8), (32, 256, 4), (16, 256, 4), (16, 128, 4)]
 
 def grad_a_row(x, keep, bits, r, gen) -> None:
     (m, k), seed, thr = x.shape, torch.tensor([12], device="cuda"), K.dropout_threshold(P)
-    g = torch.randn(m, r, device="cuda", dtype=torch.bfloat16, generator=gen)
-    ref = g.double().T @ (keep.double() * x.double())
+    g = torch.randn(m, r, device="cuda", generator=gen)  # fp32, as the op's workspace hands it to the pass
+    ref = g.to(x.dtype).double().T @ (keep.double() * x.double())
     da = torch.zeros(r, k, device="cuda")
     cells = []
     for tiles in GRAD_A_TILINGS:
