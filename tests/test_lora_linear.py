@@ -363,6 +363,10 @@ def test_lora_down_splits_only_into_fp32_without_the_up_projection():
         keep = dropout_keep_mask(6, 20, k, 0.25).double()
         assert rel_err(xa, (keep * xh.double()) @ a[:, :k].half().double().T) <= TOL[torch.float16]
     assert K.lora_down(x.half(), a, 1.0, torch.float16, may_split=True).dtype == torch.float16  # unmasked: no split
+    with pytest.raises(ValueError, match="splits must be at least 1, got 0"):
+        K.lora_down(x, a, 1.0, torch.float32, splits=0)
+    empty = K.lora_down(x[:, :0], a[:, :0], 1.0, torch.float32, mask_seed=seed, threshold=thr, splits=3)
+    assert empty.shape == (20, 4) and not empty.any()  # no columns: xa = 0, whatever the splits
 
 
 def test_lora_down_plan_splits_the_masked_pass_where_it_measured_faster(monkeypatch):

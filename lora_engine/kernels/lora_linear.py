@@ -922,6 +922,8 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
     R = lora_a.shape[0]
     has_up = lora_b is not None
     split_ok = (may_split or out_dtype == torch.float32) and not has_up
+    if splits is not None and splits < 1:
+        raise ValueError(f"lora_down: splits must be at least 1, got {splits}")
     if splits is not None and splits > 1 and not split_ok:
         raise ValueError("lora_down: splitting K sums xa with fp32 atomics: it needs may_split=True or "
                          "out_dtype=torch.float32, and no lora_b")
@@ -930,8 +932,8 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
                                                       num_sms(x.device, 4))
     if tiles is not None:
         block_m, block_k, warps = tiles
-    k_per_split = cdiv(cdiv(K, splits if splits is not None else auto_splits), block_k) * block_k
-    num_splits = cdiv(K, k_per_split)
+    k_per_split = max(block_k, cdiv(cdiv(K, splits if splits is not None else auto_splits), block_k) * block_k)
+    num_splits = max(1, cdiv(K, k_per_split))  # one program column even for K = 0 (xa = 0)
     split_k = num_splits > 1
     out = (torch.zeros((M, R), device=x.device, dtype=torch.float32) if split_k
            else torch.empty((M, R), device=x.device, dtype=out_dtype))
