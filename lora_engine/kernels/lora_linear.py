@@ -886,6 +886,14 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=No
     return (out, c) if has_down else out
 
 
+def _split_range(length: int, block: int, splits: int) -> tuple:
+    """[0, length) cut into at most `splits` parts of whole blocks: (part length, parts); one part at least, so an
+    empty range still gets one column of programs. The kernels' K- (lora_down), N- (lora_dy) and M-splits
+    (lora_grad_a)."""
+    per = max(block, cdiv(cdiv(length, splits), block) * block)
+    return per, max(1, cdiv(length, per))
+
+
 @functools.lru_cache(maxsize=256)
 def _down_plan(M: int, K: int, r_pad: int, masked: bool, split_ok: bool, sms: int) -> tuple:
     """`lora_down`'s (BLOCK_M, BLOCK_K, num_warps, splits of K). Unmasked, a read of x bound by bandwidth: enough row
@@ -932,8 +940,7 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
                                                       num_sms(x.device, 4))
     if tiles is not None:
         block_m, block_k, warps = tiles
-    k_per_split = max(block_k, cdiv(cdiv(K, splits if splits is not None else auto_splits), block_k) * block_k)
-    num_splits = max(1, cdiv(K, k_per_split))  # one program column even for K = 0 (xa = 0)
+    k_per_split, num_splits = _split_range(K, block_k, splits if splits is not None else auto_splits)
     split_k = num_splits > 1
     out = (torch.zeros((M, R), device=x.device, dtype=torch.float32) if split_k
            else torch.empty((M, R), device=x.device, dtype=out_dtype))
@@ -986,9 +993,8 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
     r_pad = _rank_pad(R)
     sms = num_sms(dy.device, 4)
     block_m, block_n, warps = tiles if tiles is not None else _dy_tiles(M, N, r_pad, sms)
-    m_blocks, splits = cdiv(M, block_m), _dy_splits(M, N, block_m, block_n, sms)
-    n_per_split = cdiv(cdiv(N, splits), block_n) * block_n
-    splits = cdiv(N, n_per_split)
+    m_blocks = cdiv(M, block_m)
+    n_per_split, splits = _split_range(N, block_n, _dy_splits(M, N, block_m, block_n, sms))
     launch(
         _lora_dy_kernel, (m_blocks, splits),
         (dy, lora_b, xa, g, db, dbias if dbias is not None else db,
@@ -1046,9 +1052,8 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
     k_blocks = cdiv(K, block_k)
     # Splits of M so that the grid covers the GPU about twice, or four times with blocks of 16 rows.
     waves = 4 if block_m < 32 else 2
-    splits = max(1, min(cdiv(M, block_m), cdiv(waves * num_sms(x.device, 4), k_blocks)))
-    m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
-    splits = cdiv(M, m_per_split)
+    m_per_split, splits = _split_range(M, block_m, max(1, min(cdiv(M, block_m),
+                                                              cdiv(waves * num_sms(x.device, 4), k_blocks))))
     a_ = lora_a if has_dx else x
     dx_ = dx if has_dx else x
     bits_ = keep_bits if has_bits else x
