@@ -140,10 +140,11 @@ TMA_CASES = dict(m=st.integers(1, 80), k8=st.integers(1, 12), n8=st.integers(1, 
 
 
 @settings(max_examples=10, deadline=None)
-@given(**TMA_CASES, bias=st.booleans(), rows_out=st.booleans(), lora=st.booleans())
-def test_tma_gemm_matches_fp64(m, k8, n8, r, dtype, bias, rows_out, lora):
+@given(**TMA_CASES, bias=st.booleans(), rows_out=st.booleans(), lora=st.booleans(), prefetch=st.booleans())
+def test_tma_gemm_matches_fp64(m, k8, n8, r, dtype, bias, rows_out, lora, prefetch):
     """The persistent TMA GEMM: any row count, sizes in whole 16-byte rows, W as (out, in) or a transposed
-    view of (in, out), with and without bias and the LoRA term (d in fp32, rounded to the operand dtype)."""
+    view of (in, out), with and without bias and the LoRA term (d in fp32, rounded to the operand dtype; its
+    operands loaded before or after the K-loop)."""
     k, n = 8 * k8, 8 * n8
     g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
     a = torch.randn(m, k, generator=g).to(dtype)
@@ -152,7 +153,7 @@ def test_tma_gemm_matches_fp64(m, k8, n8, r, dtype, bias, rows_out, lora):
     d = torch.randn(n, r, generator=g) / math.sqrt(r) if lora else None
     bi = torch.randn(n, generator=g).to(dtype) if bias else None
     assert K.tma_gemm_available(a, b)
-    out = K.gemm_lora_tma(a, b, bi, c, d, 1.0, dtype)
+    out = K.gemm_lora_tma(a, b, bi, c, d, 1.0, dtype, config=K._tma_config() | dict(PREFETCH=prefetch))
     ref = a.double() @ b.double().T
     if lora:
         ref = ref + c.double() @ d.to(dtype).double().T
@@ -197,6 +198,23 @@ def test_tma_gemm_computes_xa_from_its_own_tiles(m, k8, n8, r, dtype, bias, rows
     assert rel_err(out, ref) <= TOL[dtype]
 
 
+def test_tma_gemm_loads_the_lora_operands_before_the_k_loop_where_that_measured_faster():
+    """PREFETCH (c's rows and d's columns loaded before the K-loop) on the paths and ranks where it measured faster
+    on an H200: the forward with a given xa and dx with dA, up to rank 16; not with a down-projection, the mask's
+    bits, dx without dA, or rank 64 (which also overflowed shared memory with dA or a down-projection)."""
+    def prefetch(r, *, down=False, masked=False, da=False, rows_out=True):
+        flags = (False, True, down, masked, da, rows_out, False, "tf32")
+        return K._tma_plan(8192, 4096, 4096, r, flags, 132, None)[0]["PREFETCH"]
+
+    assert prefetch(16) and prefetch(1) and prefetch(16, da=True, rows_out=False)
+    assert not prefetch(17) and not prefetch(64) and not prefetch(64, da=True, rows_out=False)
+    assert not prefetch(16, down=True) and not prefetch(16, masked=True, rows_out=False)
+    assert not prefetch(16, rows_out=False)  # dx without dA
+    config = tuple((K._tma_config() | dict(PREFETCH=False)).items())
+    assert not K._tma_plan(8192, 4096, 4096, 16, (False, True, False, False, False, True, False, "tf32"), 132,
+                           config)[0]["PREFETCH"]
+
+
 def _dx_operands(m, n_out, k, r, dtype):
     """The backward dx GEMM's operands, seeded by the shape: dy (m, n_out), W (n_out, k), x (m, k) in dtype, and fp32
     g (m, r) and A (r, k)."""
@@ -221,16 +239,19 @@ def _pack_bits(keep):
 
 
 @settings(max_examples=16, deadline=None)
-@given(**TMA_CASES, p=st.sampled_from([0.0, 0.3]), split=st.sampled_from([1, 2, 4]), chunk_m=st.integers(1, 3))
-def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split, chunk_m):
+@given(**TMA_CASES, p=st.sampled_from([0.0, 0.3]), split=st.sampled_from([1, 2, 4]), chunk_m=st.integers(1, 3),
+       prefetch=st.booleans())
+def test_tma_gemm_backward_epilogue_masks_the_term_and_takes_grad_a(m, k8, n8, r, dtype, p, split, chunk_m, prefetch):
     """The dx role: dx = dy·W + keep ⊙ (g·A) with the dropout mask read from bits in the epilogue (in 1, 2 or 4
     column parts), and dA += gᵀ·(keep ⊙ x) from the x tiles the epilogue loads, summed over units of 1-3 row
-    blocks (a shorter last unit) before it is added; both against fp64."""
+    blocks (a shorter last unit) before it is added, g and A loaded before or after the K-loop; both against
+    fp64."""
     n_out, k = 8 * n8, 8 * k8
     dy, w, x, gr, la = _dx_operands(m, n_out, k, r, dtype)
     keep = dropout_keep_mask(99 + m, m, k, p) if p else torch.ones(m, k, dtype=torch.bool)
     assert torch.equal(_unpack_bits(_pack_bits(keep), k), keep)
-    config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split, BLOCK_M=16, CHUNK_M=chunk_m)
+    config = K._tma_config() | dict(BLOCK_N=64 if split == 4 else 32, EPI_SPLIT=split, BLOCK_M=16, CHUNK_M=chunk_m,
+                                    PREFETCH=prefetch)
     da = torch.zeros(r, k)
     dx = K.gemm_lora_tma(dy, w.t(), None, gr, la.t(), 1.0, dtype, mask_bits=_pack_bits(keep) if p else None,
                          da=da, da_x=x, config=config)

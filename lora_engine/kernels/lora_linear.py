@@ -206,8 +206,8 @@ def _gemm_lora_kernel(
 
 @triton.jit
 def _tma_epilogue_part(
-    part, out_desc, row0, n0, offs_m, c_op, M, N, R,
-    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits,
+    part, out_desc, row0, n0, offs_m, c_op, dt, M, N, R,
+    bias_ptr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr, PART_N: tl.constexpr, DEFER_DA: tl.constexpr,
 ):
@@ -217,14 +217,10 @@ def _tma_epilogue_part(
     HAS_GRAD_A); with DEFER_DA it is not added to da here (the caller sums a unit's shares first)."""
     offs_n = n0 + tl.arange(0, PART_N)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, R_PAD)
-    mask_r = offs_r < R
     if HAS_DROPOUT:
         keep = _keep_bits(bits_ptr, stride_bits, offs_m, n0, PART_N, M, N)
         if HAS_LORA:
-            dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora = tl.dot(c_op, dt.to(c_op.dtype), input_precision=PRECISION)
+            lora = tl.dot(c_op, dt, input_precision=PRECISION)
             part += tl.where(keep, lora, 0.0)
     if HAS_BIAS:
         part += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -278,24 +274,37 @@ def _tma_mainloop(
 
 
 @triton.jit
+def _load_d_tile(d_ptr, n0, N, R, stride_dn, stride_dr, op_dtype: tl.constexpr, R_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """d[n0 : n0 + BLOCK_N]ᵀ, rounded to op_dtype: the (R_PAD, BLOCK_N) operand of a tile's LoRA product."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
+                 mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0.0)
+    return dt.to(op_dtype)
+
+
+@triton.jit
+def _column_halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A (ROWS, COLS) tensor's column halves [0, COLS/2) and [COLS/2, COLS)."""
+    return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
 def _tma_tile_epilogue(
-    acc, c_op, pid_m, pid_n, out_desc, M, N, R,
-    bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits,
+    acc, c_op, dt, pid_m, pid_n, out_desc, M, N, R,
+    bias_ptr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_GRAD_A: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr, DEFER_DA: tl.constexpr,
 ):
-    """Add the unmasked LoRA term c_op · d[cols]ᵀ to the tile's accumulator, then finish and store the tile
-    in EPI_SPLIT column parts (`_tma_epilogue_part`). Returns the parts' dA shares, four (BLOCK_N / EPI_SPLIT,
-    R_PAD) fp32 tensors (zeros past EPI_SPLIT)."""
+    """Add the unmasked LoRA term c_op · dt to the tile's accumulator (dt: `_load_d_tile`'s), then finish and store
+    the tile in EPI_SPLIT column parts (`_tma_epilogue_part`, each with its columns of dt when masked). Returns the
+    parts' dA shares, four (BLOCK_N / EPI_SPLIT, R_PAD) fp32 tensors (zeros past EPI_SPLIT)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R_PAD)
     if HAS_LORA:
         if not HAS_DROPOUT:
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            dt = tl.load(d_ptr + offs_r[:, None] * stride_dr + offs_n.to(tl.int64)[None, :] * stride_dn,
-                         mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0.0)
-            acc = tl.dot(c_op, dt.to(c_op.dtype), acc, input_precision=PRECISION)
+            acc = tl.dot(c_op, dt, acc, input_precision=PRECISION)
     row0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     d0 = tl.zeros((BLOCK_N // EPI_SPLIT, R_PAD), dtype=tl.float32)
@@ -304,41 +313,44 @@ def _tma_tile_epilogue(
     d3 = d0
     if EPI_SPLIT == 1:
         d0 = _tma_epilogue_part(
-            acc, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-            PRECISION, R_PAD, BLOCK_N, DEFER_DA)
+            acc, out_desc, row0, n0, offs_m, c_op, dt, M, N, R, bias_ptr, x_ptr, stride_xm, stride_xn, da_ptr,
+            bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_N,
+            DEFER_DA)
     elif EPI_SPLIT == 2:
-        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        lo, hi = _column_halves(acc, BLOCK_M, BLOCK_N)
+        dt_lo, dt_hi = _column_halves(dt, R_PAD, BLOCK_N)
         d0 = _tma_epilogue_part(
-            lo, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-            PRECISION, R_PAD, BLOCK_N // 2, DEFER_DA)
+            lo, out_desc, row0, n0, offs_m, c_op, dt_lo, M, N, R, bias_ptr, x_ptr, stride_xm, stride_xn, da_ptr,
+            bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD,
+            BLOCK_N // 2, DEFER_DA)
         d1 = _tma_epilogue_part(
-            hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-            PRECISION, R_PAD, BLOCK_N // 2, DEFER_DA)
+            hi, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, dt_hi, M, N, R, bias_ptr, x_ptr, stride_xm,
+            stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION,
+            R_PAD, BLOCK_N // 2, DEFER_DA)
     else:
-        # Quarters: column n = i·BLOCK_N/2 + j·BLOCK_N/4 + k; split over i, then over j.
-        q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 2, 1))
-        h0, h1 = tl.split(q)
-        q0, q1 = tl.split(h0)
-        q2, q3 = tl.split(h1)
+        # Quarters: the halves' halves, in column order.
+        h0, h1 = _column_halves(acc, BLOCK_M, BLOCK_N)
+        q0, q1 = _column_halves(h0, BLOCK_M, BLOCK_N // 2)
+        q2, q3 = _column_halves(h1, BLOCK_M, BLOCK_N // 2)
+        e0, e1 = _column_halves(dt, R_PAD, BLOCK_N)
+        t0, t1 = _column_halves(e0, R_PAD, BLOCK_N // 2)
+        t2, t3 = _column_halves(e1, R_PAD, BLOCK_N // 2)
         d0 = _tma_epilogue_part(
-            q0, out_desc, row0, n0, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+            q0, out_desc, row0, n0, offs_m, c_op, t0, M, N, R, bias_ptr, x_ptr, stride_xm, stride_xn, da_ptr,
+            bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD,
+            BLOCK_N // 4, DEFER_DA)
         d1 = _tma_epilogue_part(
-            q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+            q1, out_desc, row0, n0 + BLOCK_N // 4, offs_m, c_op, t1, M, N, R, bias_ptr, x_ptr, stride_xm, stride_xn,
+            da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD,
+            BLOCK_N // 4, DEFER_DA)
         d2 = _tma_epilogue_part(
-            q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-            stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
-            PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+            q2, out_desc, row0, n0 + BLOCK_N // 2, offs_m, c_op, t2, M, N, R, bias_ptr, x_ptr, stride_xm, stride_xn,
+            da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD,
+            BLOCK_N // 4, DEFER_DA)
         d3 = _tma_epilogue_part(
-            q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-            x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A,
-            UPCAST, PRECISION, R_PAD, BLOCK_N // 4, DEFER_DA)
+            q3, out_desc, row0, n0 + 3 * (BLOCK_N // 4), offs_m, c_op, t3, M, N, R, bias_ptr, x_ptr, stride_xm,
+            stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION,
+            R_PAD, BLOCK_N // 4, DEFER_DA)
     return d0, d1, d2, d3
 
 
@@ -352,7 +364,7 @@ def _gemm_lora_tma_kernel(
     HAS_GRAD_A: tl.constexpr, B_ROWS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr, CHUNK_N: tl.constexpr, CHUNK_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """out[M, N] = a[M, K] · bᵀ (+ bias[N]) + mask ⊙ (c' · d[N, R]ᵀ) with c' = round(scale · c[M, R]):
     persistent, with a, b, out (and down) moved by TMA descriptors. b is (N, K) when B_ROWS_OUT, else (K, N).
@@ -370,6 +382,8 @@ def _gemm_lora_tma_kernel(
     CHUNK_M consecutive row blocks of one column block, and a unit adds its summed dA shares to da once.
     Each of NUM_PROGRAMS programs walks the units pid, pid + NUM_PROGRAMS, ... in grouped order. An unmasked
     LoRA product accumulates into the GEMM's own accumulator; the epilogue then runs in EPI_SPLIT column parts.
+    PREFETCH: a tile's LoRA operands (c's rows, d's columns) are loaded before its K-loop and held in registers
+    through it, their latency hidden behind it; else after it.
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -383,24 +397,30 @@ def _gemm_lora_tma_kernel(
         num_row_chunks = tl.cdiv(num_m, CHUNK_M)
         for unit in range(tl.program_id(0), num_row_chunks * num_n, NUM_PROGRAMS):
             row_chunk, pid_n = _tile_coords(unit, num_row_chunks, num_n, GROUP_M)
+            n0 = pid_n * BLOCK_N
+            if PREFETCH:  # one column block a unit: d's columns once
+                dt = _load_d_tile(d_ptr, n0, N, R, stride_dn, stride_dr, op_dtype, R_PAD, BLOCK_N)
             da0 = tl.zeros((BLOCK_N // EPI_SPLIT, R_PAD), dtype=tl.float32)
             da1 = da0
             da2 = da0
             da3 = da0
             for i in range(0, min(CHUNK_M, num_m - row_chunk * CHUNK_M)):
                 pid_m = row_chunk * CHUNK_M + i
+                if PREFETCH:
+                    c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
                 acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, False, B_ROWS_OUT, UPCAST,
                                        PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
-                c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
+                if not PREFETCH:
+                    c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
+                    dt = _load_d_tile(d_ptr, n0, N, R, stride_dn, stride_dr, op_dtype, R_PAD, BLOCK_N)
                 d0, d1, d2, d3 = _tma_tile_epilogue(
-                    acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr, x_ptr,
-                    stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A,
-                    UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, True)
+                    acc, c_op, dt, pid_m, pid_n, out_desc, M, N, R, bias_ptr, x_ptr, stride_xm, stride_xn, da_ptr,
+                    bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD,
+                    BLOCK_M, BLOCK_N, EPI_SPLIT, True)
                 da0 += d0
                 da1 += d1
                 da2 += d2
                 da3 += d3
-            n0 = pid_n * BLOCK_N
             _add_da(da_ptr, da0, n0, N, R, R_PAD, BLOCK_N // EPI_SPLIT)
             if EPI_SPLIT > 1:
                 _add_da(da_ptr, da1, n0 + BLOCK_N // EPI_SPLIT, N, R, R_PAD, BLOCK_N // EPI_SPLIT)
@@ -412,28 +432,41 @@ def _gemm_lora_tma_kernel(
             pid_m, chunk = _tile_coords(unit, num_m, num_chunks, GROUP_M)
             pid_n = chunk * CHUNK_N
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            c_op = tl.zeros((BLOCK_M, R_PAD), dtype=op_dtype)
+            dt = tl.zeros((R_PAD, BLOCK_N), dtype=op_dtype)
+            if PREFETCH and HAS_LORA:
+                dt = _load_d_tile(d_ptr, pid_n * BLOCK_N, N, R, stride_dn, stride_dr, op_dtype, R_PAD, BLOCK_N)
+                if not HAS_DOWN:
+                    c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
             acc, xa = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n, K, HAS_DOWN, B_ROWS_OUT, UPCAST,
                                     PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
-            c_op = tl.zeros((BLOCK_M, R_PAD), dtype=op_dtype)
+            if not PREFETCH and HAS_LORA:
+                dt = _load_d_tile(d_ptr, pid_n * BLOCK_N, N, R, stride_dn, stride_dr, op_dtype, R_PAD, BLOCK_N)
+                if not HAS_DOWN:
+                    c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
             if HAS_DOWN:
                 c_st = (xa * scale).to(c_ptr.dtype.element_ty)
                 if pid_n == 0:
                     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_r[None, :] * stride_cr, c_st,
                              mask=(offs_m < M)[:, None] & mask_r[None, :])
                 c_op = c_st.to(op_dtype)
-            elif HAS_LORA:
-                c_op = _load_c_op(c_ptr, pid_m, M, R, stride_cm, stride_cr, scale, op_dtype, R_PAD, BLOCK_M)
-            _tma_tile_epilogue(acc, c_op, pid_m, pid_n, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn, stride_dr,
-                               x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA,
-                               HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, False)
+            _tma_tile_epilogue(acc, c_op, dt, pid_m, pid_n, out_desc, M, N, R, bias_ptr, x_ptr, stride_xm, stride_xn,
+                               da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST,
+                               PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT, False)
             if CHUNK_N > 1:
                 for j in range(1, min(CHUNK_N, num_n - pid_n)):
+                    if PREFETCH:
+                        dt = _load_d_tile(d_ptr, (pid_n + j) * BLOCK_N, N, R, stride_dn, stride_dr, op_dtype, R_PAD,
+                                          BLOCK_N)
                     acc, _ = _tma_mainloop(a_desc, b_desc, down_desc, pid_m, pid_n + j, K, False, B_ROWS_OUT,
                                            UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K)
-                    _tma_tile_epilogue(acc, c_op, pid_m, pid_n + j, out_desc, M, N, R, bias_ptr, d_ptr, stride_dn,
-                                       stride_dr, x_ptr, stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS,
-                                       HAS_LORA, HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M,
-                                       BLOCK_N, EPI_SPLIT, False)
+                    if not PREFETCH:
+                        dt = _load_d_tile(d_ptr, (pid_n + j) * BLOCK_N, N, R, stride_dn, stride_dr, op_dtype, R_PAD,
+                                          BLOCK_N)
+                    _tma_tile_epilogue(acc, c_op, dt, pid_m, pid_n + j, out_desc, M, N, R, bias_ptr, x_ptr,
+                                       stride_xm, stride_xn, da_ptr, bits_ptr, stride_bits, HAS_BIAS, HAS_LORA,
+                                       HAS_DROPOUT, HAS_GRAD_A, UPCAST, PRECISION, R_PAD, BLOCK_M, BLOCK_N, EPI_SPLIT,
+                                       False)
 
 
 @triton.jit
@@ -813,15 +846,19 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
         raise ValueError("gemm_lora_tma: units of rows (CHUNK_M > 1) sum dA's shares: they need da and da_x")
     if chunk_m > 1 and (has_down or chunk > 1):
         raise ValueError("gemm_lora_tma: units of rows (CHUNK_M, with da) and of columns (CHUNK_N) exclude each other")
+    # The LoRA operands loaded before the K-loop: 2-6 µs faster per GEMM at rank 16 for the forward's given xa and for
+    # dx with dA (H200); no faster without dA, with the mask's bits or at rank 64, and beyond shared memory with a
+    # down-projection or dA at rank 64 (benchmarks/RESULTS.md).
+    prefetch = cfg.pop("PREFETCH", has_lora and not (has_down or masked) and (rows_out or has_da) and R <= 16)
     unknown = set(cfg) - {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "EPI_SPLIT"}
     if unknown:
         raise ValueError(f"gemm_lora_tma: unknown config keys {sorted(unknown)}; it takes BLOCK_M, BLOCK_N, BLOCK_K, "
-                         "GROUP_M, EPI_SPLIT, CHUNK_N, CHUNK_M, num_warps, num_stages and programs_per_sm")
+                         "GROUP_M, EPI_SPLIT, CHUNK_N, CHUNK_M, PREFETCH, num_warps, num_stages and programs_per_sm")
     constexprs = dict(HAS_BIAS=has_bias, HAS_LORA=has_lora, HAS_DOWN=has_down, HAS_DROPOUT=masked,
                       HAS_GRAD_A=has_da, B_ROWS_OUT=rows_out, UPCAST=upcast, PRECISION=precision, R_PAD=_rank_pad(R),
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EPI_SPLIT=cfg["EPI_SPLIT"],
                       CHUNK_N=chunk, CHUNK_M=chunk_m,
-                      NUM_PROGRAMS=min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk)))
+                      NUM_PROGRAMS=min(resident, cdiv(num_m, chunk_m) * cdiv(num_n, chunk)), PREFETCH=prefetch)
     return constexprs, num_warps, num_stages
 
 
@@ -836,7 +873,8 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=No
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: da += c'ᵀ · (mask ⊙ da_x) from x tiles the
     epilogue loads (backward dA beside dx).
     config: optional dict of the kernel's tile constexprs plus num_warps / num_stages (and programs_per_sm,
-    default 1: persistent programs per SM; CHUNK_N and CHUNK_M, default `_unit_blocks`'s), for benchmarks.
+    default 1: persistent programs per SM; CHUNK_N and CHUNK_M, default `_unit_blocks`'s; PREFETCH, default
+    `_tma_plan`'s), for benchmarks.
     """
     M, K = a.shape
     N = b.shape[0]
