@@ -4,9 +4,11 @@ fp16 at an odd one), then timed in GPU time alone (CUDA-graph replay), µs:
 - m: the TMA dx GEMM with dropout's term from bits, epilogue in quarters and in halves;
 - f: the forward TMA GEMM computing xa in its K-loop, under four tilings;
 - o: the whole op at rank 64, xa in the forward GEMM against its own pass (× the frozen base, two rounds);
-- a: `lora_grad_a` with fp32 x on its GPU tiles, every mode, against fp64 (no timing).
+- a: `lora_grad_a` with fp32 x on its GPU tiles, every mode, against fp64 (no timing);
+- p: the TMA GEMM's LoRA operands loaded before its K-loop (`PREFETCH`) or after it, on the forward with a given xa,
+  dx with dA, and dx alone (three rounds alternating, fp32 adapters).
 
-`python benchmarks/sweep_tiles.py [--parts dmfoa]`
+`python benchmarks/sweep_tiles.py [--parts dmfoap]`
 """
 
 import argparse
@@ -190,12 +192,63 @@ def part_grad_a_fp32():
     print(f"# lora_grad_a, fp32 x, GPU tiles: worst rel err vs fp64 {worst:.2e}", flush=True)
 
 
+def prefetch_paths(m, k, n, r, dtype, gen) -> dict:
+    """name -> (launch(prefetch), fp64 references, its cuBLAS GEMM) of the TMA GEMM's three unmasked LoRA roles, with
+    fp32 A and B."""
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) / math.sqrt(k)
+    a = torch.randn(r, k, device="cuda", generator=gen) / math.sqrt(k)
+    b = torch.randn(n, r, device="cuda", generator=gen) / math.sqrt(r)
+    dy = torch.randn(m, n, device="cuda", dtype=dtype, generator=gen)
+    xa, g = (x.float() @ a.t()).to(dtype), dy.float() @ b
+    da = torch.zeros(r, k, device="cuda")
+    cfg = lambda pf: K._tma_config() | dict(PREFETCH=pf)
+    dx_ref = dy.double() @ w.double() + g.to(dtype).double() @ a.to(dtype).double()
+
+    def dx_da(pf):
+        da.zero_()
+        return K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, dtype, da=da, da_x=x, config=cfg(pf)), da
+
+    return {
+        "forward, xa given": (lambda pf: (K.gemm_lora_tma(x, w, None, xa, b, 1.0, dtype, config=cfg(pf)),),
+                              (x.double() @ w.double().T + xa.double() @ b.to(dtype).double().T,),
+                              lambda: x @ w.t()),
+        "dx with dA": (dx_da, (dx_ref, g.to(dtype).double().T @ x.double()), lambda: dy @ w),
+        "dx": (lambda pf: (K.gemm_lora_tma(dy, w.t(), None, g, a.t(), 1.0, dtype, config=cfg(pf)),), (dx_ref,),
+               lambda: dy @ w),
+    }
+
+
+def prefetch_row(m, k, n, name, r, gen) -> None:
+    fn, _, cublas = prefetch_paths(m, k, n, r, torch.bfloat16, gen)[name]
+    cells = [gpu_ms(lambda pf=pf: fn(pf)) * 1e3 for _ in range(3) for pf in (False, True)]
+    print(f"| {m}x{k}->{n} | {name} | {r} | {gpu_ms(cublas) * 1e3:.1f} | " + " | ".join(f"{c:.1f}" for c in cells)
+          + " |", flush=True)
+
+
+def part_prefetch():
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    for dtype in (torch.bfloat16, torch.float16):  # both placements against fp64 at odd shapes first
+        for m, k, n, r in ((1000, 520, 776, 7), (333, 1032, 264, 16), (2056, 1024, 4104, 13)):
+            for name, (fn, refs, _) in prefetch_paths(m, k, n, r, dtype, gen).items():
+                for pf in (False, True):
+                    errs = [rel(o, ref) for o, ref in zip(fn(pf), refs)]
+                    assert max(errs) < tol(dtype), (name, m, k, n, r, dtype, pf, errs)
+    print("\n| TMA GEMM (M x K -> N) | path | r | cuBLAS us | after | before | after | before | after | before |")
+    print("| --- " * 10 + "|")
+    for m, k, n in SHAPES:
+        for name, ranks in (("forward, xa given", (16, 64)), ("dx with dA", (16, 32)), ("dx", (16, 64))):
+            for r in ranks:
+                prefetch_row(m, k, n, name, r, gen)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="dmfoa", help="which parts to run (default: all)")
+    ap.add_argument("--parts", default="dmfoap", help="which parts to run (default: all)")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__}")
-    parts = {"a": part_grad_a_fp32, "d": part_dy, "m": part_masked, "f": part_fwd, "o": part_ops}
+    parts = {"a": part_grad_a_fp32, "d": part_dy, "m": part_masked, "f": part_fwd, "o": part_ops,
+             "p": part_prefetch}
     for key, fn in parts.items():
         if key in args.parts:
             fn()
