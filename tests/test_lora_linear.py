@@ -283,11 +283,11 @@ def test_dropout_mask_travels_as_bits_from_grad_a_to_the_tma_gemm(m, k8, n8, r, 
     assert rel_err(dx, dy.double() @ w.double() + keep.double() * (g_op @ la.to(dtype).double())) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("r", [1, 16, 40, 100])
+@pytest.mark.parametrize("r", [1, 16, 29, 40, 100])
 @pytest.mark.parametrize("has_dx", [False, True])
 def test_grad_a_with_each_tiling_it_uses_on_a_gpu(monkeypatch, r, has_dx):
-    """The tilings `_grad_a_tiles` picks on a GPU for each rank class (up to 16, up to 64, above), mode (with or
-    without dx's term or the mask's bits) and x's element size (2 and 4 bytes), run under the interpreter on a
+    """The tilings `_grad_a_tiles` picks on a GPU for each rank class (up to 16, up to 32, up to 64, above), mode (with
+    or without dx's term or the mask's bits) and x's element size (2 and 4 bytes), run under the interpreter on a
     width that leaves a partial last tile: dA, dx's masked term and the mask's bits are right."""
     monkeypatch.setattr(K, "_INTERPRET", False)
     tilings = [K._grad_a_tiles(K._rank_pad(r), has_dx, itemsize, bits) for itemsize in (2, 4)
@@ -713,7 +713,7 @@ def test_gpu_fp32_adapters_in_the_forward_gemm(dtype, r):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1000, 520, 1800, 7), (4104, 1032, 4096, 64), (333, 1032, 2056, 1),
-                                   (8200, 1024, 4104, 16)])
+                                   (8200, 1024, 4104, 16), (2056, 4104, 1032, 29)])
 def test_gpu_dropout_mask_as_bits(dtype, shape):
     """lora_grad_a's bits equal the reference mask and the TMA GEMM's dx from them matches fp64, at Hopper tile sizes
     and odd shapes, on a poisoned cache."""

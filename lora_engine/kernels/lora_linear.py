@@ -1054,15 +1054,16 @@ def _grad_a_tiles(r_pad: int, has_dx: bool, itemsize: int = 2, bits: bool = Fals
     the same masked 80 against 85 / 119 against 184. At 2048² the chosen tilings are within ~1.5 µs of the old one.
     For fp32 x at ranks up to 64 the tile keeps the bytes of the bf16 one (half the columns; not timed), so its
     pipelined copies fit the shared memory of GPUs with ~100 KB per SM, as the (32, 128) tiles before did.
-    With the mask's bits (Hopper's dropout) at ranks up to 16, (16, 256) blocks (4 warps), which `lora_grad_a` gives
-    twice the splits of M: 48.5 / 13.4 / 8.2 µs at 8192×4096 / 8192×1024 / 2048² against 52.6 / 14.8 / 8.8. Ranks
-    17-64 keep (32, 256): (16, 128) was faster on a bf16 g alone, but the op's g is fp32 and 128-column blocks read it
-    twice as often; the whole op at 8192×4096->1024 r64 was 0.02-0.03× of the base slower with them."""
+    With the mask's bits (Hopper's dropout) at ranks up to 32, (16, 256) blocks (4 warps), which `lora_grad_a` gives
+    twice the splits of M: 48.5 / 13.4 / 8.2 µs at 8192×4096 / 8192×1024 / 2048² against 52.6 / 14.8 / 8.8 at rank
+    16; at rank 32, with the op's fp32 g, 51.1 / 17.6 / 11.9 against 59.1 / 19.4 / 11.3. Rank 64 keeps (32, 256):
+    (16, 128) was faster on a bf16 g alone, but the op's g is fp32 and 128-column blocks read it twice as often; the
+    whole op at 8192×4096->1024 r64 was 0.02-0.03× of the base slower with them."""
     if _INTERPRET:
         return 32, 32, 4
     if r_pad > 64:
         return 32, 64, 8
-    if bits and r_pad <= 16:
+    if bits and r_pad <= 32:
         block_m, block_k, warps = 16, 256, 4
     elif has_dx:
         block_m, block_k, warps = (32, 256, 4) if r_pad <= 16 else (64, 128, 4)
