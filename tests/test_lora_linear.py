@@ -429,17 +429,18 @@ def test_gemm_lora_with_a_mask_runs_the_pointer_kernel(monkeypatch):
 
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 100), k8=st.integers(1, 12), n8=st.integers(1, 24), r=st.integers(1, 40),
-       dtype=st.sampled_from([torch.float32, torch.float16]), chunk=st.integers(1, 4))
-def test_tma_gemm_reuses_xa_across_a_unit_of_column_blocks(m, k8, n8, r, dtype, chunk):
+       dtype=st.sampled_from([torch.float32, torch.float16]), chunk=st.integers(1, 4), prefetch=st.booleans())
+def test_tma_gemm_reuses_xa_across_a_unit_of_column_blocks(m, k8, n8, r, dtype, chunk, prefetch):
     """Walked in units of `chunk` column blocks (the last unit of a row may be shorter), the forward computes
-    xa once per unit and every tile of the unit adds xa·dᵀ; xa is stored once per row block."""
+    xa once per unit and every tile of the unit adds xa·dᵀ (d's columns loaded before or after each tile's K-loop);
+    xa is stored once per row block."""
     k, n = 8 * k8, 8 * n8
     g = torch.Generator().manual_seed(m * 1000 + k * 10 + n + r)
     a = torch.randn(m, k, generator=g).to(dtype)
     b = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype)
     down = torch.randn(r, k, generator=g) / math.sqrt(k)
     d = torch.randn(n, r, generator=g) / math.sqrt(r)
-    config = K._tma_config() | dict(BLOCK_N=16, CHUNK_N=chunk)
+    config = K._tma_config() | dict(BLOCK_N=16, CHUNK_N=chunk, PREFETCH=prefetch)
     out, xa = K.gemm_lora_tma(a, b, None, None, d, 2.0, dtype, down=down, config=config)
     assert rel_err(xa, 2.0 * a.double() @ down.to(dtype).double().T) <= TOL[dtype]
     assert rel_err(out, a.double() @ b.double().T + xa.double() @ d.to(dtype).double().T) <= TOL[dtype]
