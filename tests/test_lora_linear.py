@@ -618,6 +618,20 @@ def test_without_grad_the_forward_is_the_same_and_records_nothing(p):
     assert rel_err(y, ref) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_an_empty_batch_runs_forward_and_backward(monkeypatch, p):
+    """No tokens (a leading dim of 0): an empty y and x.grad, and zero grads for A, B and the bias, as the reference
+    gives; the GPU's grid plans size empty ranges to one part instead of dividing by zero."""
+    x, w, b, a, bb = make_inputs((2, 0), 32, 24, 4, torch.float32)
+    y = lora_linear(x, w, b, a, bb, 2.0, p)
+    y.sum().backward()
+    assert y.shape == (2, 0, 24) and x.grad.shape == x.shape
+    assert not a.grad.any() and not bb.grad.any() and not b.grad.any()
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    assert K._dy_tiles(0, 4104, 64, 132) == (128, 64, 4)
+    assert K._down_plan(0, 4104, 16, True, True, 132)[3] >= 1 and K._down_plan(8200, 0, 64, True, True, 132)[3] == 1
+
+
 def test_no_grad_input_skips_dx():
     x, w, b, a, bb = make_inputs((9,), 16, 8, 4, torch.float32)
     x = x.detach()

@@ -924,6 +924,13 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=No
     return (out, c) if has_down else out
 
 
+def _grid_splits(length: int, block: int, other_blocks: int, waves: int, sms: int) -> int:
+    """How many parts of whole blocks to cut [0, length) into so that, beside `other_blocks` programs on the grid's
+    other axis, the grid covers the GPU's `sms` about `waves` times: at least 1, at most one a block (an empty range
+    or axis gets 1). The kernels' K- (lora_down), N- (lora_dy) and M-splits (lora_grad_a); `_split_range` cuts."""
+    return max(1, min(cdiv(length, block), cdiv(waves * sms, max(other_blocks, 1))))
+
+
 def _split_range(length: int, block: int, splits: int) -> tuple:
     """[0, length) cut into at most `splits` parts of whole blocks: (part length, parts); one part at least, so an
     empty range still gets one column of programs. The kernels' K- (lora_down), N- (lora_dy) and M-splits
@@ -946,9 +953,9 @@ def _down_plan(M: int, K: int, r_pad: int, masked: bool, split_ok: bool, sms: in
     block_k, warps, splits = (128 if r_pad <= 64 else 64), 4, 1
     if masked and split_ok and r_pad <= 32:
         block_m, block_k = 64, 64
-        splits = min(8, cdiv(K, block_k), cdiv(8 * sms, cdiv(M, block_m)))
+        splits = min(8, _grid_splits(K, block_k, cdiv(M, block_m), 8, sms))
     elif masked and split_ok and r_pad == 64 and cdiv(M, block_m) < sms:
-        splits = min(4, cdiv(K, block_k), cdiv(2 * sms, cdiv(M, block_m)))
+        splits = min(4, _grid_splits(K, block_k, cdiv(M, block_m), 2, sms))
     return block_m, block_k, warps, splits
 
 
@@ -999,11 +1006,6 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
     return (out, y) if has_up else out
 
 
-def _dy_splits(M: int, N: int, block_m: int, block_n: int, sms: int) -> int:
-    """lora_dy's splits of N: enough for the grid to cover the GPU about twice over; each adds M·R atomics to g."""
-    return max(1, min(cdiv(N, block_n), cdiv(2 * sms, cdiv(M, block_m))))
-
-
 @functools.lru_cache(maxsize=256)
 def _dy_tiles(M: int, N: int, r_pad: int, sms: int) -> tuple:
     """lora_dy's (BLOCK_M, BLOCK_N, num_warps). Its fp32 atomics are dB's, ceil(M / BLOCK_M)·N·R, and g's,
@@ -1016,7 +1018,8 @@ def _dy_tiles(M: int, N: int, r_pad: int, sms: int) -> tuple:
     if r_pad > 64:
         return 64, 64, 8
     if r_pad == 64:
-        atomics = lambda bm: cdiv(M, bm) * N + _dy_splits(M, N, bm, 64, sms) * M
+        # lora_dy's splits of N cover the GPU about twice over; each adds M·R atomics to g.
+        atomics = lambda bm: cdiv(M, bm) * N + _grid_splits(N, 64, cdiv(M, bm), 2, sms) * M
         if atomics(256) < atomics(128):
             return 256, 64, 8
     return 128, 64, 4
@@ -1032,7 +1035,7 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
     sms = num_sms(dy.device, 4)
     block_m, block_n, warps = tiles if tiles is not None else _dy_tiles(M, N, r_pad, sms)
     m_blocks = cdiv(M, block_m)
-    n_per_split, splits = _split_range(N, block_n, _dy_splits(M, N, block_m, block_n, sms))
+    n_per_split, splits = _split_range(N, block_n, _grid_splits(N, block_n, m_blocks, 2, sms))
     launch(
         _lora_dy_kernel, (m_blocks, splits),
         (dy, lora_b, xa, g, db, dbias if dbias is not None else db,
@@ -1091,8 +1094,7 @@ def lora_grad_a(g, x, scale, da, *, mask_seed=None, threshold=0, lora_a=None, dx
     k_blocks = cdiv(K, block_k)
     # Splits of M so that the grid covers the GPU about twice, or four times with blocks of 16 rows.
     waves = 4 if block_m < 32 else 2
-    m_per_split, splits = _split_range(M, block_m, max(1, min(cdiv(M, block_m),
-                                                              cdiv(waves * num_sms(x.device, 4), k_blocks))))
+    m_per_split, splits = _split_range(M, block_m, _grid_splits(M, block_m, k_blocks, waves, num_sms(x.device, 4)))
     a_ = lora_a if has_dx else x
     dx_ = dx if has_dx else x
     bits_ = keep_bits if has_bits else x
