@@ -753,6 +753,24 @@ def test_gpu_dropout_mask_as_bits(dtype, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("base_gemm_name", ["auto", "triton", "cublas"])
+def test_gpu_an_empty_batch_runs_forward_and_backward(p, base_gemm_name):
+    """No tokens on the GPU, on every base-GEMM path: an empty y and x.grad and zero grads for A, B and the bias
+    (the kernels' grids get one part for an empty range; zero-program launches are skipped)."""
+    x, w, b, a, bb = make_inputs((2, 0), 4096, 1024, 16, torch.bfloat16, device="cuda")
+    set_base_gemm(base_gemm_name)
+    try:
+        y = lora_linear(x, w, b, a, bb, 2.0, p)
+        y.float().sum().backward()
+    finally:
+        set_base_gemm("auto")
+    torch.cuda.synchronize()
+    assert y.shape == (2, 0, 1024) and x.grad.shape == x.shape
+    assert not a.grad.any() and not bb.grad.any() and not b.grad.any()
+
+
+@pytest.mark.gpu
 def test_gpu_compiles_without_graph_break_with_dropout():
     """The dropout seed is a device tensor read in-kernel: no `.item()`, so fullgraph compiles."""
     x, w, b, a, bb = make_inputs((64,), 128, 96, 8, torch.bfloat16, device="cuda", lora_dtype=torch.float32)
