@@ -1,6 +1,6 @@
 """Tilings of the backward's and forward's kernels, each variant checked against fp64 first (bf16 at the timed shape,
 fp16 at an odd one), then timed in GPU time alone (CUDA-graph replay), µs:
-- d: `lora_dy`'s (BLOCK_M, BLOCK_N, warps) at ranks 16 and 64;
+- d: `lora_dy`'s (BLOCK_M, BLOCK_N, warps[, stages]) at ranks 16 and 64;
 - m: the TMA dx GEMM with dropout's term from bits, epilogue in quarters and in halves;
 - f: the forward TMA GEMM computing xa in its K-loop, under four tilings;
 - o: the whole op at rank 64, xa in the forward GEMM against its own pass (× the frozen base, two rounds);
@@ -24,7 +24,7 @@ from lora_engine.kernels import lora_linear as K
 from lora_engine.ops import dropout_keep_mask
 
 SHAPES = [(8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (2048, 2048, 2048)]
-DY_TILES = [None, (128, 64, 4), (64, 64, 4), (256, 64, 8), (256, 32, 8), (128, 128, 8), (128, 32, 4)]
+DY_TILES = [None, (128, 64, 4), (64, 64, 4), (256, 64, 8), (256, 32, 8), (128, 128, 8), (128, 32, 4), (512, 64, 8, 2)]
 FWD_TILES = [None, (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 2)]
 
 

@@ -326,21 +326,25 @@ def test_grad_a_picks_its_tiles_by_rank_mode_and_element_size(monkeypatch):
     assert seen == [(64, True, 2, False), (16, False, 4, False), (16, False, 2, True)]
 
 
-def test_lora_dy_takes_256_row_blocks_at_rank_64_where_they_mean_fewer_atomics(monkeypatch):
+def test_lora_dy_takes_larger_row_blocks_at_rank_64_where_they_mean_fewer_atomics(monkeypatch):
     """On a GPU, `_dy_tiles` gives rank 64 blocks of 256 rows where dB's and g's atomics then add up to fewer (the
     8192-row shapes with N of 4096 and 14336), and 128 rows elsewhere (N = 1024 ties, 2048² has more, rank 16 is
-    bound by dy's read). Each tiling it picks computes g and dB right under the interpreter, on an odd shape."""
+    bound by dy's read); with Hopper-class shared memory, 512 rows in two stages where they cut the count by a quarter
+    more (8192×14336 only). Each tiling it picks computes g and dB right under the interpreter, on an odd shape."""
     monkeypatch.setattr(K, "_INTERPRET", False)
     K._dy_tiles.cache_clear()
-    picks = {(m, n, r): K._dy_tiles(m, n, r, 132) for m, n in ((8192, 4096), (8192, 14336), (8192, 1024),
-                                                                (2048, 2048)) for r in (16, 64)}
+    shapes = ((8192, 4096), (8192, 14336), (8192, 1024), (2048, 2048))
+    picks = {(m, n, r): K._dy_tiles(m, n, r, 132) for m, n in shapes for r in (16, 64)}
+    hopper = {(m, n, r): K._dy_tiles(m, n, r, 132, True) for m, n in shapes for r in (16, 64)}
     big = K._dy_tiles(300, 90, 128, 132)
     monkeypatch.undo()
     K._dy_tiles.cache_clear()
     assert {key for key, tiles in picks.items() if tiles[0] == 256} == {(8192, 4096, 64), (8192, 14336, 64)}
-    assert set(picks.values()) == {(256, 64, 8), (128, 64, 4)}
+    assert set(picks.values()) == {(256, 64, 8, 3), (128, 64, 4, 3)}
+    assert {key: tiles for key, tiles in hopper.items() if tiles != picks[key]} == {(8192, 14336, 64): (512, 64, 8, 2)}
     m, n = 300, 90
-    for tiles, r in ((big, 70), (picks[8192, 4096, 64], 61), (picks[8192, 1024, 64], 7)):
+    for tiles, r in ((big, 70), (picks[8192, 4096, 64], 61), (picks[8192, 1024, 64], 7),
+                     (hopper[8192, 14336, 64], 33)):
         dy, b, xa = torch.randn(m, n), torch.randn(n, r), torch.randn(m, r)
         g, db = torch.zeros(m, r), torch.zeros(n, r)
         K.lora_dy(dy, b, xa, 0.5, 2.0, g, db, tiles=tiles)
@@ -628,7 +632,7 @@ def test_an_empty_batch_runs_forward_and_backward(monkeypatch, p):
     assert y.shape == (2, 0, 24) and x.grad.shape == x.shape
     assert not a.grad.any() and not bb.grad.any() and not b.grad.any()
     monkeypatch.setattr(K, "_INTERPRET", False)
-    assert K._dy_tiles(0, 4104, 64, 132) == (128, 64, 4)
+    assert K._dy_tiles(0, 4104, 64, 132) == (128, 64, 4, 3)
     assert K._down_plan(0, 4104, 16, True, True, 132)[3] >= 1 and K._down_plan(8200, 0, 64, True, True, 132)[3] == 1
 
 
@@ -750,6 +754,23 @@ def test_gpu_dropout_mask_as_bits(dtype, shape):
     g_op = g.to(dtype).double()
     assert rel_err(dx, dy.double() @ w.double() + keep.double() * (g_op @ la.to(dtype).double())) <= TOL[dtype]
     assert rel_err(da, g_op.T @ (keep.double() * x.double())) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(8200, 14344, 64), (8192, 4104, 61), (2056, 2048, 64), (777, 4104, 7)])
+def test_gpu_lora_dy_default_tiles_against_fp64(dtype, shape):
+    """lora_dy on the tiles `_dy_tiles` picks on this GPU (on an H200: 512-row blocks in two stages, 256- and
+    128-row blocks), g and dB against fp64, odd sizes."""
+    m, n, r = shape
+    gen = torch.Generator(device="cuda").manual_seed(m + r)
+    dy = torch.randn(m, n, device="cuda", dtype=dtype, generator=gen)
+    b = torch.randn(n, r, device="cuda", generator=gen) / math.sqrt(r)
+    xa = torch.randn(m, r, device="cuda", dtype=dtype, generator=gen)
+    g, db = torch.zeros(m, r, device="cuda"), torch.zeros(n, r, device="cuda")
+    K.lora_dy(dy, b, xa, 0.5, 2.0, g, db)
+    assert rel_err(g, 2.0 * dy.double() @ b.to(dtype).double()) <= TOL[dtype]
+    assert rel_err(db, 0.5 * dy.double().T @ xa.double()) <= TOL[dtype]
 
 
 @pytest.mark.gpu

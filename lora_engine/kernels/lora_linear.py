@@ -1007,33 +1007,46 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
 
 
 @functools.lru_cache(maxsize=256)
-def _dy_tiles(M: int, N: int, r_pad: int, sms: int) -> tuple:
-    """lora_dy's (BLOCK_M, BLOCK_N, num_warps). Its fp32 atomics are dB's, ceil(M / BLOCK_M)·N·R, and g's,
-    splits·M·R. At rank 64 they bound the kernel where N is large: there 256-row blocks halve dB's and take fewer
+def _dy_tiles(M: int, N: int, r_pad: int, sms: int, big_smem: bool = False) -> tuple:
+    """lora_dy's (BLOCK_M, BLOCK_N, num_warps, num_stages). Its fp32 atomics are dB's, ceil(M / BLOCK_M)·N·R, and
+    g's, splits·M·R. At rank 64 they bound the kernel where N is large: there 256-row blocks halve dB's and take fewer
     atomics in all (on an H200, 8192 rows: 61.5 -> 40.1 µs at N = 4096, 204 -> 149 at 14336; at N = 1024 the
-    counts tie, and 2048² has more with them, 15.1 against 17.2 and 9.4 against 14.2 µs). At rank 16 dy's read
-    bounds it and 128 rows are as fast or faster (benchmarks/RESULTS.md)."""
+    counts tie, and 2048² has more with them, 15.1 against 17.2 and 9.4 against 14.2 µs). Where 512-row blocks (two
+    stages, which fit only Hopper-class shared memory: `big_smem`) cut the count by a quarter more, they halve dB's
+    again: 149 -> 120 µs at 8192×14336; at 8192×4096, where the counts tie, they were slower (40 against 50 µs).
+    At rank 16 dy's read bounds it and 128 rows are as fast or faster (benchmarks/RESULTS.md)."""
     if _INTERPRET:
-        return 32, 32, 4
+        return 32, 32, 4, 3
     if r_pad > 64:
-        return 64, 64, 8
+        return 64, 64, 8, 3
     if r_pad == 64:
         # lora_dy's splits of N cover the GPU about twice over; each adds M·R atomics to g.
         atomics = lambda bm: cdiv(M, bm) * N + _grid_splits(N, 64, cdiv(M, bm), 2, sms) * M
+        if big_smem and 4 * atomics(512) < 3 * atomics(256):
+            return 512, 64, 8, 2
         if atomics(256) < atomics(128):
-            return 256, 64, 8
-    return 128, 64, 4
+            return 256, 64, 8, 3
+    return 128, 64, 4, 3
+
+
+@functools.cache
+def _big_smem(device: torch.device) -> bool:
+    """Whether a block may use Hopper-class shared memory (~227 KB; A100 has 163 KB, consumer GPUs ~100 KB)."""
+    if device.type != "cuda":
+        return False
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) >= 227 * 1024
 
 
 def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
     """From dy (M, N), lora_b (N, R), xa (M, R), accumulate into zeroed fp32 buffers:
     g (M, R) += g_scale·dy·lora_b, db (N, R) += scale·dyᵀ·xa, dbias (N,) += Σ_m dy (when given).
-    tiles: (BLOCK_M, BLOCK_N, num_warps) instead of the default, for benchmarks."""
+    tiles: (BLOCK_M, BLOCK_N, num_warps[, num_stages]) instead of the default, for benchmarks."""
     M, N = dy.shape
     R = lora_b.shape[1]
     r_pad = _rank_pad(R)
     sms = num_sms(dy.device, 4)
-    block_m, block_n, warps = tiles if tiles is not None else _dy_tiles(M, N, r_pad, sms)
+    block_m, block_n, warps, stages = (*tiles, 3)[:4] if tiles is not None else _dy_tiles(
+        M, N, r_pad, sms, _big_smem(dy.device))
     m_blocks = cdiv(M, block_m)
     n_per_split, splits = _split_range(N, block_n, _grid_splits(N, block_n, m_blocks, 2, sms))
     launch(
@@ -1044,7 +1057,7 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
          float(scale), float(g_scale)),
         dict(HAS_BIAS_GRAD=dbias is not None, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
              R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n),
-        num_warps=warps, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )
 
 
