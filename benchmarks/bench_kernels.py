@@ -1,10 +1,11 @@
 """Fused LoRA linear against the frozen base linear (the floor), the unfused PEFT-style path and
 PEFT's own LoRA layer: fwd+bwd and forward-only medians, bf16, in one run on one GPU.
 
-    LORA_ENGINE_AUTOTUNE=1 python benchmarks/bench_kernels.py [--quick] [--out results.jsonl]
+    LORA_ENGINE_AUTOTUNE=1 python benchmarks/bench_kernels.py [--quick] [--gpu-time] [--out results.jsonl]
 
 Each row first checks our output and dx against an fp64 reference on the same inputs, then times.
-Ratios are against the frozen base `F.linear` measured in the same run.
+Ratios are against the frozen base `F.linear` measured in the same run. Times are eager wall-clock medians (host
+launch costs included), or with --gpu-time the GPU's time alone (CUDA-graph replay).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import platform
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from lora_engine.ops import BASE_GEMMS, lora_linear, lora_linear_reference, set_base_gemm
 
@@ -32,7 +33,12 @@ except Exception:  # peft is an optional peer here
     PeftLoraLinear = None
 
 
+GPU_TIME = False  # set by --gpu-time
+
+
 def median_ms(fn) -> float:
+    if GPU_TIME:
+        return do_bench_cudagraph(fn, rep=60, return_mode="median")
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -110,12 +116,15 @@ def main():
     ap.add_argument("--out", default=None, help="write rows as JSON lines here")
     ap.add_argument("--base-gemm", default="auto", choices=BASE_GEMMS,
                     help="how lora_linear runs the frozen base GEMM (see lora_engine.ops.set_base_gemm)")
+    ap.add_argument("--gpu-time", action="store_true", help="time CUDA-graph replays: GPU time without the host's")
     args = ap.parse_args()
+    global GPU_TIME
+    GPU_TIME = args.gpu_time
     set_base_gemm(args.base_gemm)
     shapes, ranks, drops = (SHAPES[:1], [16], [0.0]) if args.quick else (SHAPES, RANKS, DROPOUTS)
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
           f"| python {platform.python_version()} | peft layer: {PeftLoraLinear is not None} "
-          f"| base GEMM: {args.base_gemm}")
+          f"| base GEMM: {args.base_gemm} | {'GPU time (CUDA graphs)' if GPU_TIME else 'eager'}")
     rows = []
     for m, k, n in shapes:
         for r in ranks:
