@@ -13,6 +13,7 @@ time alone (CUDA-graph replay), µs unless said:
 
 import argparse
 import math
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -162,13 +163,10 @@ def da_whole_row(m, k, n, r) -> None:
     base = gpu_ms(fwd_bwd(lambda: F.linear(x, w), x, [x], dy))
     step = fwd_bwd(lambda: ops.lora_linear(x, w, None, a, b, 2.0), x, [x, a, b], dy)
     vals = []
-    try:
-        for _ in range(2):
-            for min_k in (0, 1 << 30):
-                ops._DA_IN_EPILOGUE_MIN_K = min_k
+    for _ in range(2):
+        for min_k in (0, 1 << 30):
+            with mock.patch.object(ops, "_DA_IN_EPILOGUE_MIN_K", min_k):
                 vals.append(gpu_ms(step) / base)
-    finally:
-        ops._DA_IN_EPILOGUE_MIN_K = 2048
     print(f"| {m}x{k}->{n} | {r} | {base:.3f} | " + " | ".join(f"{v:.3f}" for v in vals) + " |", flush=True)
 
 

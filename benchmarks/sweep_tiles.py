@@ -13,6 +13,7 @@ fp16 at an odd one), then timed in GPU time alone (CUDA-graph replay), µs:
 
 import argparse
 import math
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -146,15 +147,12 @@ def ops_row(m, k, n) -> None:
     step = fwd_bwd(lambda: ops.lora_linear(x, w, None, a, b, 2.0), x, [x, a, b], dy)
     fwd = lambda: ops.lora_linear(x, w, None, a, b, 2.0, training=False)
     rows = {"p=0": [], "fwd": []}
-    try:
-        for _ in range(2):
-            for max_rank in (64, 32):  # rank 64 runs xa in the GEMM up to _DOWN_IN_GEMM_MAX_RANK
-                K._DOWN_IN_GEMM_MAX_RANK = max_rank
+    for _ in range(2):
+        for max_rank in (64, 32):  # rank 64 runs xa in the GEMM up to _DOWN_IN_GEMM_MAX_RANK
+            with mock.patch.object(K, "_DOWN_IN_GEMM_MAX_RANK", max_rank):
                 rows["p=0"].append(gpu_ms(step) / base)
                 with torch.no_grad():
                     rows["fwd"].append(gpu_ms(fwd) / base_f)
-    finally:
-        K._DOWN_IN_GEMM_MAX_RANK = 64
     for case, vals in rows.items():
         b_ms = base_f if case == "fwd" else base
         print(f"| {m}x{k}->{n} | 64 | {case} | {b_ms:.3f} | " + " | ".join(f"{v:.3f}" for v in vals) + " |",
