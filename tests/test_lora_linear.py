@@ -326,24 +326,26 @@ def test_grad_a_picks_its_tiles_by_rank_mode_and_element_size(monkeypatch):
     assert seen == [(64, True, 2, False), (16, False, 4, False), (16, False, 2, True)]
 
 
-def test_lora_dy_takes_larger_row_blocks_at_rank_64_where_they_mean_fewer_atomics(monkeypatch):
-    """On a GPU, `_dy_tiles` gives rank 64 blocks of 256 rows where dB's and g's atomics then add up to fewer (the
-    8192-row shapes with N of 4096 and 14336), and 128 rows elsewhere (N = 1024 ties, 2048² has more, rank 16 is
+def test_lora_dy_takes_larger_row_blocks_at_ranks_32_and_64_where_they_mean_fewer_atomics(monkeypatch):
+    """On a GPU, `_dy_tiles` gives ranks 32 and 64 blocks of 256 rows where dB's and g's atomics then add up to fewer
+    (the 8192-row shapes with N of 4096 and 14336), and 128 rows elsewhere (N = 1024 ties, 2048² has more, rank 16 is
     bound by dy's read); with Hopper-class shared memory, 512 rows in two stages where they cut the count by a quarter
     more (8192×14336 only). Each tiling it picks computes g and dB right under the interpreter, on an odd shape."""
     monkeypatch.setattr(K, "_INTERPRET", False)
     K._dy_tiles.cache_clear()
     shapes = ((8192, 4096), (8192, 14336), (8192, 1024), (2048, 2048))
-    picks = {(m, n, r): K._dy_tiles(m, n, r, 132) for m, n in shapes for r in (16, 64)}
-    hopper = {(m, n, r): K._dy_tiles(m, n, r, 132, True) for m, n in shapes for r in (16, 64)}
+    picks = {(m, n, r): K._dy_tiles(m, n, r, 132) for m, n in shapes for r in (16, 32, 64)}
+    hopper = {(m, n, r): K._dy_tiles(m, n, r, 132, True) for m, n in shapes for r in (16, 32, 64)}
     big = K._dy_tiles(300, 90, 128, 132)
     monkeypatch.undo()
     K._dy_tiles.cache_clear()
-    assert {key for key, tiles in picks.items() if tiles[0] == 256} == {(8192, 4096, 64), (8192, 14336, 64)}
+    assert {key for key, tiles in picks.items() if tiles[0] == 256} == {
+        (8192, n, r) for n in (4096, 14336) for r in (32, 64)}
     assert set(picks.values()) == {(256, 64, 8, 3), (128, 64, 4, 3)}
-    assert {key: tiles for key, tiles in hopper.items() if tiles != picks[key]} == {(8192, 14336, 64): (512, 64, 8, 2)}
+    assert {key: tiles for key, tiles in hopper.items() if tiles != picks[key]} == {
+        (8192, 14336, r): (512, 64, 8, 2) for r in (32, 64)}
     m, n = 300, 90
-    for tiles, r in ((big, 70), (picks[8192, 4096, 64], 61), (picks[8192, 1024, 64], 7),
+    for tiles, r in ((big, 70), (picks[8192, 4096, 32], 29), (picks[8192, 1024, 64], 7),
                      (hopper[8192, 14336, 64], 33)):
         dy, b, xa = torch.randn(m, n), torch.randn(n, r), torch.randn(m, r)
         g, db = torch.zeros(m, r), torch.zeros(n, r)
@@ -758,7 +760,10 @@ def test_gpu_dropout_mask_as_bits(dtype, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(8200, 14344, 64), (8192, 4104, 61), (2056, 2048, 64), (777, 4104, 7)])
+@pytest.mark.parametrize(
+    "shape",
+    [(8200, 14344, 64), (8200, 14344, 29), (8192, 4104, 61), (8192, 4104, 32), (2056, 2048, 64), (777, 4104, 7)],
+)
 def test_gpu_lora_dy_default_tiles_against_fp64(dtype, shape):
     """lora_dy on the tiles `_dy_tiles` picks on this GPU (on an H200: 512-row blocks in two stages, 256- and
     128-row blocks), g and dB against fp64, odd sizes."""

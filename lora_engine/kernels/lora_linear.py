@@ -1009,17 +1009,18 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
 @functools.lru_cache(maxsize=256)
 def _dy_tiles(M: int, N: int, r_pad: int, sms: int, big_smem: bool = False) -> tuple:
     """lora_dy's (BLOCK_M, BLOCK_N, num_warps, num_stages). Its fp32 atomics are dB's, ceil(M / BLOCK_M)·N·R, and
-    g's, splits·M·R. At rank 64 they bound the kernel where N is large: there 256-row blocks halve dB's and take fewer
-    atomics in all (on an H200, 8192 rows: 61.5 -> 40.1 µs at N = 4096, 204 -> 149 at 14336; at N = 1024 the
-    counts tie, and 2048² has more with them, 15.1 against 17.2 and 9.4 against 14.2 µs). Where 512-row blocks (two
-    stages, which fit only Hopper-class shared memory: `big_smem`) cut the count by a quarter more, they halve dB's
-    again: 149 -> 120 µs at 8192×14336; at 8192×4096, where the counts tie, they were slower (40 against 50 µs).
+    g's, splits·M·R. At ranks 32 and 64 they bound the kernel where N is large: there 256-row blocks halve dB's and
+    take fewer atomics in all (on an H200, 8192 rows, rank 64: 61.5 -> 40.1 µs at N = 4096, 204 -> 149 at 14336;
+    rank 32: 44.1 -> 29.5 at N = 4096; at N = 1024 the counts tie, and 2048² has more with them, 15.1 against 17.2
+    and 9.4 against 14.2 µs at rank 64). Where 512-row blocks (two stages, which fit only Hopper-class shared memory:
+    `big_smem`) cut the count by a quarter more, they halve dB's again: 149 -> 120 µs (rank 64) and 107 -> 95 (rank
+    32; 144 on 128 rows) at 8192×14336; at 8192×4096, where the counts tie, they were slower (40 against 50 µs).
     At rank 16 dy's read bounds it and 128 rows are as fast or faster (benchmarks/RESULTS.md)."""
     if _INTERPRET:
         return 32, 32, 4, 3
     if r_pad > 64:
         return 64, 64, 8, 3
-    if r_pad == 64:
+    if r_pad in (32, 64):
         # lora_dy's splits of N cover the GPU about twice over; each adds M·R atomics to g.
         atomics = lambda bm: cdiv(M, bm) * N + _grid_splits(N, 64, cdiv(M, bm), 2, sms) * M
         if big_smem and 4 * atomics(512) < 3 * atomics(256):
