@@ -45,14 +45,14 @@ def _mul32(a: torch.Tensor | int, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return hi, lo
 
 
-def _philox4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Triton's `tl.randint4x(seed, offsets)` (Philox-4x32-10) in int64 arithmetic."""
+def _philox4x(seed: int, offsets: torch.Tensor, rounds: int) -> tuple[torch.Tensor, ...]:
+    """Triton's `tl.randint4x(seed, offsets, rounds)` (Philox-4x32-`rounds`) in int64 arithmetic."""
     c0 = offsets & _MASK32
     c1 = offsets >> 32
     c2 = torch.zeros_like(offsets)
     c3 = torch.zeros_like(offsets)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    for _ in range(rounds):
         hi_b, lo_b = _mul32(c2, torch.full_like(c2, _PHILOX_ROUND_B))
         hi_a, lo_a = _mul32(c0, torch.full_like(c0, _PHILOX_ROUND_A))
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
@@ -63,15 +63,15 @@ def _philox4x(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Bool (rows, cols) keep-mask, identical to the one the kernels generate for element (m, k):
-    Philox counter m·ceil(cols/8) + k//8, 16-bit half h[4c+2b+a] of its outputs at lane k%8 = 4a+2b+c
-    (the order tl.join builds), keep if that half >= round(p·2¹⁶)."""
-    from lora_engine.kernels.lora_linear import dropout_threshold
+    Philox-4x32 (the kernels' `PHILOX_ROUNDS`, 7) at counter m·ceil(cols/8) + k//8, 16-bit half h[4c+2b+a] of its
+    outputs at lane k%8 = 4a+2b+c (the order tl.join builds), keep if that half >= round(p·2¹⁶)."""
+    from lora_engine.kernels.lora_linear import PHILOX_ROUNDS, dropout_threshold
 
     groups = (cols + 7) // 8
     ctr = torch.arange(rows, device=device, dtype=torch.int64)[:, None] * groups + torch.arange(
         groups, device=device, dtype=torch.int64
     )
-    r0, r1, r2, r3 = _philox4x(seed, ctr)
+    r0, r1, r2, r3 = _philox4x(seed, ctr, int(PHILOX_ROUNDS.value))
     j = lambda a, b: torch.stack([a, b], dim=-1)  # tl.join
     q0 = j(j(r0 & 0xFFFF, r0 >> 16), j(r1 & 0xFFFF, r1 >> 16))
     q1 = j(j(r2 & 0xFFFF, r2 >> 16), j(r3 & 0xFFFF, r3 >> 16))

@@ -597,6 +597,33 @@ def test_dropout_is_reproducible_and_has_the_right_rate():
     assert abs(keep.float().mean().item() - 0.7) < 0.01
 
 
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropout_mask_has_its_rate_and_no_correlation_between_neighbours_or_seeds(p):
+    """The kernels' mask (equal to `dropout_keep_mask`, tested above and on the GPU) from 7-round Philox: its keep rate
+    in each of the eight lanes of a Philox call within 6 binomial sigmas of 1 - p, and no correlation (|r| within 6
+    sigmas of n independent pairs, 6/√n) between an element and its right neighbour in the same call or across
+    calls, the element below it, or the same element under the next seed."""
+    rows, cols = 512, 1024
+    keeps = [dropout_keep_mask(seed, rows, cols, p).double() for seed in (2024, 2025)]
+    keep = keeps[0]
+    sigma = math.sqrt(p * (1 - p) / (rows * cols / 8))
+    lane_rates = keep.view(rows, cols // 8, 8).mean(dim=(0, 1))
+    assert (lane_rates - (1 - p)).abs().max().item() < 6 * sigma, lane_rates
+
+    def corr(u, v):
+        u, v = u.flatten() - u.mean(), v.flatten() - v.mean()
+        return (u @ v / (u.norm() * v.norm())).item()
+
+    pairs = {
+        "right neighbour, same call": (keep[:, 0::8], keep[:, 1::8]),
+        "right neighbour, next call": (keep[:, 7:-1:8], keep[:, 8::8]),
+        "below": (keep[:-1], keep[1:]),
+        "next seed": (keeps[0], keeps[1]),
+    }
+    for name, (u, v) in pairs.items():
+        assert abs(corr(u, v)) < 6 / math.sqrt(u.numel()), (name, corr(u, v))
+
+
 def test_eval_mode_has_no_dropout():
     x, w, b, a, bb = make_inputs((9,), 16, 8, 4, torch.float32)
     y_eval = lora_linear(x, w, b, a, bb, 1.0, 0.9, training=False)

@@ -12,11 +12,11 @@ Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of d
                                                      or with dropout the mask read as bits that
                                                      lora_grad_a wrote beside dA)
 
-The dropout mask is Philox (`tl.randint4x`, one call per 8 consecutive elements of a row) keyed by
-a seed and the element's (row, column), so backward regenerates it instead of storing it (within backward,
-lora_grad_a may hand it to the dx GEMM as bits, M·K/8 bytes, freed when backward returns). The seed
-is a (1,) int64 device tensor the kernels load, so drawing it needs no host sync (nor a graph break
-under torch.compile).
+The dropout mask is Philox-4x32 in 7 rounds (`tl.randint4x(..., n_rounds=7)`, one call per 8 consecutive
+elements of a row) keyed by a seed and the element's (row, column), so backward regenerates it instead of storing it
+(within backward, lora_grad_a may hand it to the dx GEMM as bits, M·K/8 bytes, freed when backward returns). The
+seed is a (1,) int64 device tensor the kernels load, so drawing it needs no host sync (nor a graph break under
+torch.compile).
 `keep = bits16 >= round(p · 2**16)`: an integer test, reproduced bit-for-bit by the torch reference.
 
 A and B may be fp32 (as patch_model creates them) with x in half precision: every kernel rounds them
@@ -75,6 +75,13 @@ def _gemm_configs():
     ]
 
 
+# Philox-4x32 rounds of the dropout mask. 7 is the fewest at which Philox-4x32 passes TestU01's BigCrush (Salmon et
+# al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), and what the flash-attention dropout in PyTorch uses;
+# Triton's default is 10. The mask's generator bounds the masked passes over x: on an H200, 7 rounds took 0.03-0.05x
+# of the frozen base off the 8192x4096->1024 dropout rows (benchmarks/RESULTS.md). `ops.dropout_keep_mask` reads it.
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
 @triton.jit
 def _philox_groups(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len):
     """The four 32-bit Philox outputs (`randint4x`) of each group of eight consecutive columns, for rows offs_m and
@@ -82,7 +89,7 @@ def _philox_groups(seed, offs_m, k_start, BLOCK_K: tl.constexpr, row_len):
     groups = (row_len + 7) // 8
     offs_g = k_start // 8 + tl.arange(0, BLOCK_K // 8)
     ctr = offs_m.to(tl.int64)[:, None] * groups + offs_g.to(tl.int64)[None, :]
-    return tl.randint4x(seed, ctr)
+    return tl.randint4x(seed, ctr, PHILOX_ROUNDS)
 
 
 @triton.jit
