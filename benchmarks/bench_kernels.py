@@ -117,11 +117,19 @@ def main():
     ap.add_argument("--base-gemm", default="auto", choices=BASE_GEMMS,
                     help="how lora_linear runs the frozen base GEMM (see lora_engine.ops.set_base_gemm)")
     ap.add_argument("--gpu-time", action="store_true", help="time CUDA-graph replays: GPU time without the host's")
+    ap.add_argument("--ranks", default=None, help="comma-separated LoRA ranks instead of the issue's 8,16,64")
     args = ap.parse_args()
     global GPU_TIME
     GPU_TIME = args.gpu_time
     set_base_gemm(args.base_gemm)
     shapes, ranks, drops = (SHAPES[:1], [16], [0.0]) if args.quick else (SHAPES, RANKS, DROPOUTS)
+    if args.ranks:
+        try:
+            ranks = [int(r) for r in args.ranks.split(",")]
+        except ValueError:
+            ap.error(f"--ranks takes comma-separated integers, got {args.ranks!r}")
+        if any(r < 1 for r in ranks):
+            ap.error(f"--ranks must be at least 1, got {args.ranks!r}")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
           f"| python {platform.python_version()} | peft layer: {PeftLoraLinear is not None} "
           f"| base GEMM: {args.base_gemm} | {'GPU time (CUDA graphs)' if GPU_TIME else 'eager'}")
