@@ -117,6 +117,13 @@ _MASK_BITS = True
 # behind a K-loop of 1024 the epilogue's dA cost 22 / 31 / 40 µs at rank 16 / 32 / 64 against 19 / 22 / 28 for the
 # pass; behind 2048 (2048 rows) and 4096 the epilogue was cheaper at every rank (benchmarks/RESULTS.md).
 _DA_IN_EPILOGUE_MIN_K = 2048
+# Above this rank the LoRA products are GEMMs of their own, which the fused kernels (built for skinny, bandwidth-bound
+# products) run slower than cuBLAS; at rank 256 the TMA dx GEMM with dA also needed more shared memory than an H200
+# has. There the op runs them as torch matmuls (`_wide_forward`, `_wide_backward`) around the kernels' dropout mask,
+# the LoRA terms added onto y and dx in place. On an H200, whole op × the frozen base at p=0, fused / matmuls: r128
+# 1.48 / 1.20-1.23 at 8192x4096->4096, 2.25 / 1.57 at ->1024, 1.34 / 1.15 at ->14336 (PEFT-style 1.34, 1.76, 1.25);
+# r64 1.14-1.16 / 1.16-1.17, 1.38-1.41 / 1.53, 1.09-1.10 / 1.12 (benchmarks/RESULTS.md).
+_WIDE_RANK = 64
 
 
 def set_base_gemm(name: str) -> None:
@@ -215,9 +222,48 @@ def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device) -> tu
             view((N,), (1,), o_bias) if need_bias else None, view((N * R + R * K,), (1,), o_db))
 
 
+def _wide_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
+    """`_lora_forward` for ranks above _WIDE_RANK: xa = scale · (mask ⊙ x2)·Aᵀ and y = x2·Wᵀ + b + xa·Bᵀ through
+    cuBLAS (the LoRA term added onto y in place), the mask from the kernels (an M×in masked copy of x2, freed here)."""
+    from lora_engine.kernels import lora_linear as K
+
+    x_d = K.dropout_apply(x2, seed, threshold) if seed is not None else x2
+    xa = torch.mm(x_d, lora_a.to(x2.dtype).t()).mul_(scale)
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    return y.addmm_(xa, lora_b.to(x2.dtype).t()), xa
+
+
+def _wide_backward(ctx, dy2, x2, xa, weight, a, b):
+    """LoRALinearFunction's backward for ranks above _WIDE_RANK, through cuBLAS: g = scale·dy·B, dB = dyᵀ·xa,
+    dA = gᵀ·(mask ⊙ x) and dx = dy·W + mask ⊙ (g·A) (the LoRA term first, masked in place, then dy·W added onto it);
+    the mask regenerated from its seed."""
+    from lora_engine.kernels import lora_linear as K
+
+    _, scale, seed, threshold = ctx.meta
+    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    g = torch.mm(dy2, b.to(dy2.dtype)).mul_(scale) if (need_x or need_a) else None
+    dx = da = db = dbias = None
+    if need_x:
+        dx = torch.mm(g, a.to(dy2.dtype))
+        if seed is not None:
+            K.dropout_apply(dx, seed, threshold, out=dx)
+        dx = dx.addmm_(dy2, weight)
+    if need_a:
+        x_d = K.dropout_apply(x2, seed, threshold) if seed is not None else x2
+        da = torch.mm(g.t(), x_d).to(a.dtype)
+    if need_b:
+        db = torch.mm(dy2.t(), xa.to(dy2.dtype)).to(b.dtype)
+    if need_bias:
+        dbias = dy2.sum(0)
+    return dx, da, db, dbias
+
+
 def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
     """y = x2·Wᵀ + b + xa·Bᵀ and xa = scale · (mask ⊙ x2)·Aᵀ (M, r), through the kernels; x2 is (M, in)."""
     from lora_engine.kernels import lora_linear as K
+
+    if lora_a.shape[0] > _WIDE_RANK:
+        return _wide_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold)
 
     # scale (scaling · 1/(1-p)) is folded into xa: no separate pass applies it. lora_a and lora_b go to the kernels
     # as they are (fp32 adapters are rounded to x's dtype in-kernel).
@@ -242,7 +288,8 @@ class LoRALinearFunction(torch.autograd.Function):
     """Fused LoRA linear with scale = scaling / (1 - p) and the keep test's integer threshold (both from
     `lora_linear`). Saves x (as given, no copy) and xa = scale · (mask ⊙ x)·Aᵀ of shape (M, r), in x's dtype
     or, where the masked pass of the fused GEMMs' path splits K, fp32 (the kernels round it to x's dtype); the dropout
-    mask is regenerated in backward from its seed, a (1,) int64 device tensor (None: no dropout)."""
+    mask is regenerated in backward from its seed, a (1,) int64 device tensor (None: no dropout). Ranks above
+    _WIDE_RANK take `_wide_forward` / `_wide_backward`, which save the same."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, seed, threshold):
@@ -262,6 +309,9 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         if dy2.dtype != x2.dtype:
             dy2 = dy2.to(x2.dtype)
+        if a.shape[0] > _WIDE_RANK:
+            dx, da, db, dbias = _wide_backward(ctx, dy2, x2, xa, weight, a, b)
+            return (dx.view(x_shape) if dx is not None else None), None, dbias, da, db, None, None, None
         (M, K_in), N, R = x2.shape, dy2.shape[1], a.shape[0]
         g, db, da, dbias, db_da = _grad_buffers(M, N, R, K_in, need_bias, dy.device)
         # g = scaling·keep·dy·B, so dx_lora = mask ⊙ (g·A) and dA = gᵀ·(mask ⊙ x) need no scale.
@@ -322,6 +372,7 @@ def lora_linear(
     lora_a: (r, in); lora_b: (out, r) (cast to x's dtype for the matmuls; their grads come back in
     their own dtype). Dropout (only when `training`) uses a Philox mask keyed by a seed drawn from
     torch's generator. Under autocast the inputs are cast to the autocast dtype first.
+    Ranks above 64 run the LoRA products as torch matmuls around the kernels' mask (`_WIDE_RANK`).
     Falls back to `lora_linear_reference` where the kernels cannot run (CPU without the interpreter).
     """
     _check(x, weight, bias, lora_a, lora_b, dropout_p)

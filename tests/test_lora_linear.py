@@ -5,6 +5,7 @@ GPU (`-m gpu`): bf16 and fp16 on large and odd shapes, with every output element
 """
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_engine import ops
 from lora_engine.kernels import lora_linear as K
 from lora_engine.ops import (
     BASE_GEMMS,
@@ -102,6 +104,47 @@ def test_3d_input_and_rank_256(base_gemm):
     outs, refs = run_both(x, w, b, a, bb, scaling=1 / 16, p=0.2)
     assert outs[0].shape == (2, 5, 24)
     assert_close(outs, refs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r", [65, 128])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_ranks_above_64_run_the_lora_products_through_torch_matmuls(dtype, r, p):
+    """Above `ops._WIDE_RANK` the LoRA products are torch matmuls around the kernels' dropout mask: y and every grad
+    against fp64, 3-D x with a column count that is no multiple of 8, bias grads, fp32 adapters."""
+    x, w, b, a, bb = make_inputs((3, 7), 83, 40, r, dtype)
+    with mock.patch.object(ops, "_wide_backward", wraps=ops._wide_backward) as wide:
+        outs, refs = run_both(x, w, b, a, bb, scaling=0.25, p=p)
+    assert wide.call_count == 1
+    assert_close(outs, refs, TOL[dtype])
+
+
+def test_rank_64_stays_on_the_fused_kernels_and_a_strided_x_runs_wide():
+    """The switch is between ranks 64 and 65; the wide path takes x through its strides (a sliced view)."""
+    x, w, b, a, bb = make_inputs((9,), 40, 24, 64, torch.float32)
+    with mock.patch.object(ops, "_wide_forward", wraps=ops._wide_forward) as wide:
+        outs, refs = run_both(x, w, b, a, bb, scaling=0.5, p=0.1)
+        assert wide.call_count == 0
+        assert_close(outs, refs, TOL[torch.float32])
+        _, w, b, a, bb = make_inputs((1,), 24, 17, 70, torch.float32)
+        sliced = torch.randn(40, 31)[:, 3:27].requires_grad_()
+        outs, refs = run_both(sliced, w, b, a, bb, scaling=2.0, p=0.1)
+        assert wide.call_count == 1
+        assert_close(outs, refs, TOL[torch.float32])
+
+
+def test_dropout_apply_is_the_reference_mask_in_and_out_of_place():
+    """`dropout_apply` zeroes what `dropout_keep_mask` drops (no rescaling), for a strided x with a column tail, into
+    a new tensor or in place; an empty x launches nothing."""
+    x = torch.randn(37, 100)[:, 5:88]
+    seed, p = 5, 0.3
+    keep = dropout_keep_mask(seed, 37, 83, p)
+    out = K.dropout_apply(x, torch.tensor([seed]), K.dropout_threshold(p))
+    assert out.is_contiguous() and torch.equal(out, torch.where(keep, x, 0.0))
+    y = x.clone()
+    assert K.dropout_apply(y, torch.tensor([seed]), K.dropout_threshold(p), out=y) is y
+    assert torch.equal(y, out)
+    assert K.dropout_apply(torch.empty(0, 9), torch.tensor([seed]), 100).shape == (0, 9)
 
 
 def test_non_contiguous_x(base_gemm):
@@ -740,6 +783,20 @@ def test_gpu_against_fp64(dtype, shape, p, base_gemm):
     x, w, b, a, bb = make_inputs(lead, k, n, r, dtype, device="cuda", lora_dtype=lora_dtype, seed=k + n)
     _poison_cache()
     outs, refs = run_both(x, w, b, a, bb, scaling=2.0, p=p)
+    assert_close(outs, refs, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [((4096,), 4096, 4096, 256), ((2, 1000), 1032, 4104, 128), ((777,), 4095, 1537, 65)])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_gpu_ranks_above_64_against_fp64(dtype, shape, p):
+    """The wide-rank path (torch matmuls around the kernels' mask) on CUDA, fp32 adapters, poisoned cache. Rank 256
+    at 4096² once ran the fused TMA dx GEMM with dA, which needed more shared memory than an H200 has."""
+    lead, k, n, r = shape
+    x, w, b, a, bb = make_inputs(lead, k, n, r, dtype, device="cuda", lora_dtype=torch.float32, seed=k + r)
+    _poison_cache()
+    outs, refs = run_both(x, w, b, a, bb, scaling=0.5, p=p)
     assert_close(outs, refs, TOL[dtype])
 
 

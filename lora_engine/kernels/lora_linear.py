@@ -12,6 +12,9 @@ Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of d
                                                      or with dropout the mask read as bits that
                                                      lora_grad_a wrote beside dA)
 
+Ranks above 64 (ops._WIDE_RANK): torch matmuls run the LoRA products; `dropout_apply` masks x, and dx's LoRA term in
+place, with the same mask.
+
 The dropout mask is Philox-4x32 in 7 rounds (`tl.randint4x(..., n_rounds=7)`, one call per 8 consecutive
 elements of a row) keyed by a seed and the element's (row, column), so backward regenerates it instead of storing it
 (within backward, lora_grad_a may hand it to the dx GEMM as bits, M·K/8 bytes, freed when backward returns). The
@@ -678,6 +681,22 @@ def _lora_grad_a_kernel(
 # Launchers. Shapes: x (M, K) any strides; weight (N, K); lora_a (R, K); lora_b (N, R).
 
 
+@triton.jit
+def _dropout_apply_kernel(
+    x_ptr, out_ptr, M, K, stride_xm, stride_xk, stride_om, stride_ok, seed_ptr, threshold,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[M, K] = keep ⊙ x[M, K] with the keep-mask of an (M, K) tensor (`_keep_mask`); out may be x itself."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    inside = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk, mask=inside, other=0.0)
+    keep = _keep_mask(tl.load(seed_ptr), offs_m, k0, BLOCK_K, K, threshold)
+    tl.store(out_ptr + rows * stride_om + offs_k[None, :] * stride_ok, tl.where(keep, x, 0.0), mask=inside)
+
+
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -692,6 +711,21 @@ def _upcast(dtype: torch.dtype) -> bool:
 def dropout_threshold(p: float) -> int:
     """Integer threshold of the keep test `bits16 >= threshold` for drop probability p."""
     return int(round(p * (1 << 16)))
+
+
+def dropout_apply(x, mask_seed, threshold, out=None):
+    """keep ⊙ x for x (M, K), any strides, with the dropout keep-mask every kernel here generates for an (M, K)
+    tensor (no 1/(1-p) scaling). out: (M, K), defaults to a new contiguous tensor; x itself to mask in place.
+    The wide-rank path's masked x and masked dx term (ops), where cuBLAS runs the LoRA products."""
+    M, K = x.shape
+    out = torch.empty((M, K), device=x.device, dtype=x.dtype) if out is None else out
+    if M == 0 or K == 0:
+        return out
+    block_m, block_k = (32, 32) if _INTERPRET else (32, 256)
+    launch(_dropout_apply_kernel, (cdiv(M, block_m), cdiv(K, block_k)),
+           (x, out, M, K, x.stride(0), x.stride(1), out.stride(0), out.stride(1), mask_seed, threshold),
+           dict(BLOCK_M=block_m, BLOCK_K=block_k), num_warps=4)
+    return out
 
 
 def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0, da=None, da_x=None):
