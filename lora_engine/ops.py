@@ -233,15 +233,34 @@ def _wide_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
     return y.addmm_(xa, lora_b.to(x2.dtype).t()), xa
 
 
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) on CUDA; cleared if this torch lacks it
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b as fp32, unrounded: half-precision operands multiply in cuBLAS with fp32 accumulation and an fp32 output
+    (`out_dtype`); where that op is missing (the CPU, older torch) the operands are upcast instead."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return torch.mm(a.float(), b.float())
+
+
 def _wide_backward(ctx, dy2, x2, xa, weight, a, b):
     """LoRALinearFunction's backward for ranks above _WIDE_RANK, through cuBLAS: g = scale·dy·B, dB = dyᵀ·xa,
     dA = gᵀ·(mask ⊙ x) and dx = dy·W + mask ⊙ (g·A) (the LoRA term first, masked in place, then dy·W added onto it);
-    the mask regenerated from its seed."""
+    the mask regenerated from its seed. g, dA and dB come out of their GEMMs in fp32, as the fused kernels keep them
+    (no overflow of an fp16 dB, no rounding of fp32 adapters' grads); g is rounded to x's dtype where it is a GEMM
+    operand, as the kernels round it."""
     from lora_engine.kernels import lora_linear as K
 
     _, scale, seed, threshold = ctx.meta
     need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    g = torch.mm(dy2, b.to(dy2.dtype)).mul_(scale) if (need_x or need_a) else None
+    g = _mm_f32(dy2, b.to(dy2.dtype)).mul_(scale).to(dy2.dtype) if (need_x or need_a) else None
     dx = da = db = dbias = None
     if need_x:
         dx = torch.mm(g, a.to(dy2.dtype))
@@ -250,9 +269,9 @@ def _wide_backward(ctx, dy2, x2, xa, weight, a, b):
         dx = dx.addmm_(dy2, weight)
     if need_a:
         x_d = K.dropout_apply(x2, seed, threshold) if seed is not None else x2
-        da = torch.mm(g.t(), x_d).to(a.dtype)
+        da = _mm_f32(g.t(), x_d).to(a.dtype)
     if need_b:
-        db = torch.mm(dy2.t(), xa.to(dy2.dtype)).to(b.dtype)
+        db = _mm_f32(dy2.t(), xa.to(dy2.dtype)).to(b.dtype)
     if need_bias:
         dbias = dy2.sum(0)
     return dx, da, db, dbias

@@ -144,7 +144,33 @@ def test_dropout_apply_is_the_reference_mask_in_and_out_of_place():
     y = x.clone()
     assert K.dropout_apply(y, torch.tensor([seed]), K.dropout_threshold(p), out=y) is y
     assert torch.equal(y, out)
+    col_major = x.t().contiguous().t()  # strides (1, 37): masked in place through its strides
+    assert K.dropout_apply(col_major, torch.tensor([seed]), K.dropout_threshold(p), out=col_major) is col_major
+    assert col_major.stride() == (1, 37) and torch.equal(col_major, out)
     assert K.dropout_apply(torch.empty(0, 9), torch.tensor([seed]), 100).shape == (0, 9)
+
+
+def test_dropout_mask_is_philox_4x32_in_7_rounds():
+    """Column 8j of row m keeps when the low half of the first output of Philox-4x32-7 at counter m·ceil(cols/8) + j
+    is at least round(p·2¹⁶): pins the generator the kernels and the reference share (RESULTS.md, stop 25)."""
+    rows, cols, seed, p = 16, 83, 2**33 + 7, 0.4
+    ctr = torch.arange(rows)[:, None] * 11 + torch.arange(11)
+    r0 = ops._philox4x(seed, ctr, 7)[0]
+    assert torch.equal(dropout_keep_mask(seed, rows, cols, p)[:, 0::8], (r0 & 0xFFFF) >= K.dropout_threshold(p))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_wide_rank_grads_of_fp32_adapters_are_not_rounded_to_fp16(device):
+    """fp16 x, fp32 adapters, rank 65: dB = Σ_m dy·xa = 2048 · 40 = 81920, past fp16's 65504. It comes back finite
+    and exact, as on the fused path (the products' outputs are fp32)."""
+    m, k, n, r = 2048, 72, 24, 65
+    x = torch.ones(m, k, device=device, dtype=torch.float16)
+    w = torch.zeros(n, k, device=device, dtype=torch.float16)
+    a = torch.full((r, k), 1 / 72, device=device).requires_grad_()
+    b = torch.zeros(n, r, device=device).requires_grad_()
+    y = lora_linear(x, w, None, a, b, 1.0)
+    y.backward(torch.full_like(y, 40.0))
+    assert b.grad.dtype == torch.float32 and torch.allclose(b.grad, torch.full_like(b.grad, 81920.0), rtol=2e-3)
 
 
 def test_non_contiguous_x(base_gemm):

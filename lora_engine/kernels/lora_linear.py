@@ -692,9 +692,10 @@ def _dropout_apply_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     inside = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     rows = offs_m.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk, mask=inside, other=0.0)
+    cols = offs_k.to(tl.int64)[None, :]  # a column-major x of over 2**31 elements
+    x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=inside, other=0.0)
     keep = _keep_mask(tl.load(seed_ptr), offs_m, k0, BLOCK_K, K, threshold)
-    tl.store(out_ptr + rows * stride_om + offs_k[None, :] * stride_ok, tl.where(keep, x, 0.0), mask=inside)
+    tl.store(out_ptr + rows * stride_om + cols * stride_ok, tl.where(keep, x, 0.0), mask=inside)
 
 
 def _precision(dtype: torch.dtype) -> str:
