@@ -126,6 +126,16 @@ _DA_IN_EPILOGUE_MIN_K = 2048
 _WIDE_RANK = 64
 
 
+def _wide(x2: torch.Tensor, r: int) -> bool:
+    """Whether the op runs the LoRA products as torch matmuls (`_wide_forward`, `_wide_backward`): above _WIDE_RANK,
+    and for fp32 x on a GPU. The kernels' tiles are sized for 2-byte operands: compiled for sm_90 (triton 3.9, on the
+    CPU), the TMA GEMM needs 180,248 bytes of shared memory in bf16 and 327,696 in fp32, past Hopper's 232,448 a block;
+    lora_dy's 512-row blocks would need 2 × 128 KB; and fp32 GEMMs gain nothing from Triton over cuBLAS. (Under the
+    interpreter fp32 stays on the kernels, which is how the CPU tests check them. The fp32 routing has not run on a GPU
+    yet: `test_gpu_fp32_x_against_fp64`.)"""
+    return r > _WIDE_RANK or (x2.dtype == torch.float32 and x2.is_cuda)
+
+
 def set_base_gemm(name: str) -> None:
     """Choose how lora_linear runs the base GEMM: "auto" (default), "cublas" or "triton" (fully fused)."""
     global _base_gemm
@@ -223,8 +233,9 @@ def _grad_buffers(M: int, N: int, R: int, K: int, need_bias: bool, device) -> tu
 
 
 def _wide_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
-    """`_lora_forward` for ranks above _WIDE_RANK: xa = scale · (mask ⊙ x2)·Aᵀ and y = x2·Wᵀ + b + xa·Bᵀ through
-    cuBLAS (the LoRA term added onto y in place), the mask from the kernels (an M×in masked copy of x2, freed here)."""
+    """`_lora_forward` where `_wide` (ranks above _WIDE_RANK, fp32 x on a GPU): xa = scale · (mask ⊙ x2)·Aᵀ and
+    y = x2·Wᵀ + b + xa·Bᵀ through cuBLAS (the LoRA term added onto y in place), the mask from the kernels (an M×in
+    masked copy of x2, freed here)."""
     from lora_engine.kernels import lora_linear as K
 
     x_d = K.dropout_apply(x2, seed, threshold) if seed is not None else x2
@@ -251,7 +262,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _wide_backward(ctx, dy2, x2, xa, weight, a, b):
-    """LoRALinearFunction's backward for ranks above _WIDE_RANK, through cuBLAS: g = scale·dy·B, dB = dyᵀ·xa,
+    """LoRALinearFunction's backward where `_wide`, through cuBLAS: g = scale·dy·B, dB = dyᵀ·xa,
     dA = gᵀ·(mask ⊙ x) and dx = dy·W + mask ⊙ (g·A) (the LoRA term first, masked in place, then dy·W added onto it);
     the mask regenerated from its seed. g, dA and dB come out of their GEMMs in fp32, as the fused kernels keep them
     (no overflow of an fp16 dB, no rounding of fp32 adapters' grads); g is rounded to x's dtype where it is a GEMM
@@ -281,7 +292,7 @@ def _lora_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold):
     """y = x2·Wᵀ + b + xa·Bᵀ and xa = scale · (mask ⊙ x2)·Aᵀ (M, r), through the kernels; x2 is (M, in)."""
     from lora_engine.kernels import lora_linear as K
 
-    if lora_a.shape[0] > _WIDE_RANK:
+    if _wide(x2, lora_a.shape[0]):
         return _wide_forward(x2, weight, bias, lora_a, lora_b, scale, seed, threshold)
 
     # scale (scaling · 1/(1-p)) is folded into xa: no separate pass applies it. lora_a and lora_b go to the kernels
@@ -308,7 +319,7 @@ class LoRALinearFunction(torch.autograd.Function):
     `lora_linear`). Saves x (as given, no copy) and xa = scale · (mask ⊙ x)·Aᵀ of shape (M, r), in x's dtype
     or, where the masked pass of the fused GEMMs' path splits K, fp32 (the kernels round it to x's dtype); the dropout
     mask is regenerated in backward from its seed, a (1,) int64 device tensor (None: no dropout). Ranks above
-    _WIDE_RANK take `_wide_forward` / `_wide_backward`, which save the same."""
+    _WIDE_RANK and fp32 x on a GPU take `_wide_forward` / `_wide_backward`, which save the same."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, seed, threshold):
@@ -328,7 +339,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         if dy2.dtype != x2.dtype:
             dy2 = dy2.to(x2.dtype)
-        if a.shape[0] > _WIDE_RANK:
+        if _wide(x2, a.shape[0]):
             dx, da, db, dbias = _wide_backward(ctx, dy2, x2, xa, weight, a, b)
             return (dx.view(x_shape) if dx is not None else None), None, dbias, da, db, None, None, None
         (M, K_in), N, R = x2.shape, dy2.shape[1], a.shape[0]
@@ -391,7 +402,7 @@ def lora_linear(
     lora_a: (r, in); lora_b: (out, r) (cast to x's dtype for the matmuls; their grads come back in
     their own dtype). Dropout (only when `training`) uses a Philox mask keyed by a seed drawn from
     torch's generator. Under autocast the inputs are cast to the autocast dtype first.
-    Ranks above 64 run the LoRA products as torch matmuls around the kernels' mask (`_WIDE_RANK`).
+    Ranks above 64, and fp32 x on a GPU, run the LoRA products as torch matmuls around the kernels' mask (`_wide`).
     Falls back to `lora_linear_reference` where the kernels cannot run (CPU without the interpreter).
     """
     _check(x, weight, bias, lora_a, lora_b, dropout_p)

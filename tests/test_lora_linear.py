@@ -133,6 +133,17 @@ def test_rank_64_stays_on_the_fused_kernels_and_a_strided_x_runs_wide():
         assert_close(outs, refs, TOL[torch.float32])
 
 
+def test_fp32_x_takes_the_wide_path_on_a_gpu_only():
+    """`ops._wide`: ranks above 64 anywhere; fp32 x on CUDA (the kernels' tiles are sized for 2-byte operands); fp32 on
+    the CPU stays on the kernels, so that the interpreter's tests check them."""
+    from types import SimpleNamespace
+
+    cpu32 = torch.empty(2, 3)
+    assert not ops._wide(cpu32, 64) and ops._wide(cpu32, 65)
+    assert ops._wide(SimpleNamespace(dtype=torch.float32, is_cuda=True), 8)
+    assert not ops._wide(SimpleNamespace(dtype=torch.bfloat16, is_cuda=True), 64)
+
+
 def test_dropout_apply_is_the_reference_mask_in_and_out_of_place():
     """`dropout_apply` zeroes what `dropout_keep_mask` drops (no rescaling), for a strided x with a column tail, into
     a new tensor or in place; an empty x launches nothing."""
@@ -824,6 +835,19 @@ def test_gpu_ranks_above_64_against_fp64(dtype, shape, p):
     _poison_cache()
     outs, refs = run_both(x, w, b, a, bb, scaling=0.5, p=p)
     assert_close(outs, refs, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [((2, 2048), 4096, 4104, 16), ((777,), 4095, 1537, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_gpu_fp32_x_against_fp64(shape, p):
+    """fp32 x, weight and adapters on CUDA at a size the fused path would run on the TMA GEMM: the wide path
+    (`ops._wide`), y and every grad against fp64 at fp32's tolerance, poisoned cache."""
+    lead, k, n, r = shape
+    x, w, b, a, bb = make_inputs(lead, k, n, r, torch.float32, device="cuda", seed=k + r)
+    _poison_cache()
+    outs, refs = run_both(x, w, b, a, bb, scaling=0.5, p=p)
+    assert_close(outs, refs, TOL[torch.float32])
 
 
 @pytest.mark.gpu
