@@ -12,8 +12,8 @@ Backward: g  = dy B,  dB = s · dyᵀ xa,  db = Σ dy    (lora_dy: one read of d
                                                      or with dropout the mask read as bits that
                                                      lora_grad_a wrote beside dA)
 
-Ranks above 64 (ops._WIDE_RANK): torch matmuls run the LoRA products; `dropout_apply` masks x, and dx's LoRA term in
-place, with the same mask.
+Ranks above 64, and fp32 x on a GPU (ops._wide): torch matmuls run the LoRA products; `dropout_apply` masks x, and
+dx's LoRA term in place, with the same mask.
 
 The dropout mask is Philox-4x32 in 7 rounds (`tl.randint4x(..., n_rounds=7)`, one call per 8 consecutive
 elements of a row) keyed by a seed and the element's (row, column), so backward regenerates it instead of storing it
