@@ -282,7 +282,7 @@ def _wide_backward(ctx, dy2, x2, xa, weight, a, b):
         x_d = K.dropout_apply(x2, seed, threshold) if seed is not None else x2
         da = _mm_f32(g.t(), x_d).to(a.dtype)
     if need_b:
-        db = _mm_f32(dy2.t(), xa.to(dy2.dtype)).to(b.dtype)
+        db = _mm_f32(dy2.t(), xa).to(b.dtype)
     if need_bias:
         dbias = dy2.sum(0)
     return dx, da, db, dbias

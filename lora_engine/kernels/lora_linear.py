@@ -677,10 +677,6 @@ def _lora_grad_a_kernel(
                   mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
 
 
-# ----------------------------------------------------------------------------------------------
-# Launchers. Shapes: x (M, K) any strides; weight (N, K); lora_a (R, K); lora_b (N, R).
-
-
 @triton.jit
 def _dropout_apply_kernel(
     x_ptr, out_ptr, M, K, stride_xm, stride_xk, stride_om, stride_ok, seed_ptr, threshold,
@@ -696,6 +692,10 @@ def _dropout_apply_kernel(
     x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=inside, other=0.0)
     keep = _keep_mask(tl.load(seed_ptr), offs_m, k0, BLOCK_K, K, threshold)
     tl.store(out_ptr + rows * stride_om + cols * stride_ok, tl.where(keep, x, 0.0), mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Shapes: x (M, K) any strides; weight (N, K); lora_a (R, K); lora_b (N, R).
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -787,12 +787,16 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), no empty operand, a
-    with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte multiples.
-    False while torch.compile traces: Dynamo cannot trace the data pointers' alignment."""
+    """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), 2-byte operands on a GPU, no
+    empty operand, a with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte
+    multiples. False while torch.compile traces: Dynamo cannot trace the data pointers' alignment."""
     if torch.compiler.is_compiling() or TensorDescriptor is None:
         return False
     if not (_INTERPRET or _has_tma(a.device)) or a.numel() == 0 or b.numel() == 0:
+        return False
+    # Its tiles are sized for 2-byte operands: compiled for sm_90, fp32 needs 262-328 KB of shared memory against
+    # Hopper's 227 KB (benchmarks/smem_tma.py). The interpreter has no such limit and runs fp32 for the CPU tests.
+    if a.element_size() != 2 and not _INTERPRET:
         return False
     return a.stride(1) == 1 and _tma_ready(a) and _tma_ready(b) and (b.shape[0] * a.element_size()) % 16 == 0
 
