@@ -56,7 +56,7 @@ def main():
     print("| x dtype | kernel | rank pad | shared bytes | fits |")
     print("| --- | --- | --- | --- | --- |")
     for dtype in (torch.bfloat16, torch.float32):
-        for grad_a, r_pad in ((False, 16), (True, 64), (True, 256)):
+        for grad_a, r_pad in ((False, 16), (True, 64), (True, 128), (True, 256)):
             name = "dx GEMM with dA" if grad_a else "forward, xa given"
             try:
                 b = shared_bytes(dtype, r_pad, grad_a)

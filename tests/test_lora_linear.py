@@ -583,6 +583,44 @@ def test_tma_gemm_refuses_conflicting_lora_operands():
         K.lora_grad_a(torch.randn(16, 4), a, 1.0, torch.zeros(4, 32), keep_bits=torch.zeros(16, 4, dtype=torch.uint8))
 
 
+def test_tma_gemm_refuses_da_beyond_the_shared_memory_of_a_hopper_block(monkeypatch):
+    """On a GPU, dA in the TMA GEMM's epilogue at rank pad 256 needs 294,912 bytes of shared memory (Hopper has
+    232,448): the launcher refuses it by name, with the limit and the way around it, and writes nothing. Rank pad 128
+    (180,248 bytes) is accepted; the interpreter has no such limit."""
+    a, b = torch.randn(16, 32), torch.randn(24, 32)
+    da = torch.zeros(129, 24)
+    interpreted = K._INTERPRET
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    with pytest.raises(ValueError, match=r"dA in the epilogue at rank 129 \(padded to 256\).*up to rank 128"):
+        K.gemm_lora_tma(a, b, None, torch.randn(16, 129), torch.randn(24, 129), 1.0, a.dtype, da=da,
+                        da_x=torch.randn(16, 24))
+    assert not da.any()
+    if not interpreted:
+        return
+    monkeypatch.setattr(K, "_INTERPRET", True)
+    out = K.gemm_lora_tma(a, b, None, torch.randn(16, 129), torch.randn(24, 129), 1.0, a.dtype, da=da,
+                          da_x=torch.randn(16, 24))
+    assert out.shape == (16, 24) and da.any()
+
+
+def test_tma_needs_hopper_class_shared_memory(monkeypatch):
+    """Compute capability 9 or more is not enough for the TMA GEMM: consumer Blackwell (sm_120) has ~100 KB of shared
+    memory a block, and its tiles need 180 KB. With less than Hopper's, the op takes the cuBLAS path."""
+    props = {"shared_memory_per_block_optin": 101_376}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Props", (), props)())
+    dev = torch.device("cuda", 0)
+    K._has_tma.cache_clear(), K._big_smem.cache_clear()
+    try:
+        assert not K._has_tma(dev)
+        props["shared_memory_per_block_optin"] = 232_448  # H100 / H200 / B200
+        K._has_tma.cache_clear(), K._big_smem.cache_clear()
+        assert K._has_tma(dev)
+    finally:
+        K._has_tma.cache_clear(), K._big_smem.cache_clear()
+
+
 def test_wrong_mask_bits_are_refused_before_anything_is_written():
     """A keep_bits or mask_bits buffer of the wrong shape or dtype is refused with its message before any launch: the
     buffers handed in (bits, dA) are as they were."""
@@ -938,6 +976,27 @@ def test_gpu_compiles_without_graph_break_with_dropout():
     y = fn(x)
     y.float().sum().backward()
     assert torch.isfinite(y).all() and a.grad is not None and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, r", [(torch.bfloat16, 128), (torch.float32, 16)])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_gpu_compiled_wide_path_matches_fp64(dtype, r, p):
+    """The wide path (ranks above 64, fp32 x on a GPU) under torch.compile: cuBLAS matmuls around the kernels' mask,
+    with `dropout_apply` masking dx's term in place; forward and every gradient against fp64, fullgraph."""
+    x, w, b, a, bb = make_inputs((2, 512), 1024, 1032, r, dtype, device="cuda", lora_dtype=torch.float32, seed=r)
+    assert ops._wide(x.detach().reshape(-1, 1024), r)
+    compiled = torch.compile(lambda *t: lora_linear(*t, 2.0, p), fullgraph=True)
+    with torch._inductor.config.patch(fallback_random=True):
+        torch.manual_seed(7)
+        y = compiled(x, w, b, a, bb)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb, b), dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, a, bb, b)]
+    torch.manual_seed(7)
+    y64 = lora_linear_reference(leaves64[0], w.double(), leaves64[3], leaves64[1], leaves64[2], 2.0, p)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    assert_close((y, *grads), (y64, *grads64), TOL[dtype])
 
 
 @pytest.mark.gpu

@@ -783,7 +783,9 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 @functools.cache
 def _has_tma(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Hopper or newer with Hopper-class shared memory: the kernel's tiles need 180,248 bytes a block in bf16
+    (benchmarks/smem_tma.py), which consumer Blackwell (sm_120, ~100 KB) does not have."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _big_smem(device)
 
 
 def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -908,6 +910,11 @@ def _tma_plan(M: int, N: int, K: int, R: int, flags: tuple, resident: int, confi
     return constexprs, num_warps, num_stages
 
 
+# The largest rank pad whose dA epilogue fits Hopper's shared memory: 180,248 bytes at 128, 294,912 at 256 (bf16 and
+# fp16, compiled for sm_90 by benchmarks/smem_tma.py; the H200 reported the same 294,912 when that launch failed).
+_TMA_DA_MAX_RANK_PAD = 128
+
+
 def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=None, da=None, da_x=None, config=None):
     """out = a · bᵀ (+ bias) + mask ⊙ (c' · dᵀ), c' = round(scale · c), through the persistent TMA kernel; the
     shapes and dtypes of `gemm_lora` (check `tma_gemm_available(a, b)` first).
@@ -939,6 +946,11 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=No
     if da is not None and not has_lora:
         raise ValueError("gemm_lora_tma: da needs the LoRA operands c and d")
     R = c.shape[1] if has_lora else 1
+    if da is not None and _rank_pad(R) > _TMA_DA_MAX_RANK_PAD and not _INTERPRET:
+        raise ValueError(f"gemm_lora_tma: dA in the epilogue at rank {R} (padded to {_rank_pad(R)}) needs more shared "
+                         f"memory than a Hopper block has (294,912 bytes at 256, of 232,448; benchmarks/smem_tma.py): "
+                         f"pass da only up to rank {_TMA_DA_MAX_RANK_PAD}, as lora_linear does (ranks above 64 run "
+                         "as torch matmuls)")
     rows_out = b.stride(1) == 1
     masked = mask_bits is not None
     if masked and (tuple(mask_bits.shape) != (M, cdiv(N, 8)) or mask_bits.dtype != torch.uint8
