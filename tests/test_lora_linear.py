@@ -99,7 +99,9 @@ def test_random_shapes(m, k, n, r, p):
     assert_close(outs, refs, TOL[torch.float32])
 
 
-def test_3d_input_and_rank_256(base_gemm):
+def test_3d_input_and_rank_256():
+    """The largest rank the issue names, 3-D x and dropout: the wide path (whatever the base-GEMM setting, which
+    ranks above 64 do not reach)."""
     x, w, b, a, bb = make_inputs((2, 5), 40, 24, 256, torch.float32)
     outs, refs = run_both(x, w, b, a, bb, scaling=1 / 16, p=0.2)
     assert outs[0].shape == (2, 5, 24)
@@ -410,13 +412,15 @@ def test_lora_dy_takes_larger_row_blocks_at_ranks_32_and_64_where_they_mean_fewe
     """On a GPU, `_dy_tiles` gives ranks 32 and 64 blocks of 256 rows where dB's and g's atomics then add up to fewer
     (the 8192-row shapes with N of 4096 and 14336), and 128 rows elsewhere (N = 1024 ties, 2048² has more, rank 16 is
     bound by dy's read); with Hopper-class shared memory, 512 rows in two stages where they cut the count by a quarter
-    more (8192×14336 only). Each tiling it picks computes g and dB right under the interpreter, on an odd shape."""
+    more (8192×14336 only). On an A100 (163 KB a block) the 256-row blocks keep three stages; on consumer GPUs (99 KB)
+    rank 64 takes two, since three need 106,496 bytes. Each tiling it picks computes g and dB right under the
+    interpreter, on an odd shape."""
     monkeypatch.setattr(K, "_INTERPRET", False)
     K._dy_tiles.cache_clear()
     shapes = ((8192, 4096), (8192, 14336), (8192, 1024), (2048, 2048))
-    picks = {(m, n, r): K._dy_tiles(m, n, r, 132) for m, n in shapes for r in (16, 32, 64)}
-    hopper = {(m, n, r): K._dy_tiles(m, n, r, 132, True) for m, n in shapes for r in (16, 32, 64)}
-    big = K._dy_tiles(300, 90, 128, 132)
+    tiles_on = lambda smem: {(m, n, r): K._dy_tiles(m, n, r, 132, smem) for m, n in shapes for r in (16, 32, 64)}
+    picks, hopper, consumer = tiles_on(166_912), tiles_on(232_448), tiles_on(101_376)
+    big = K._dy_tiles(300, 90, 128, 132, 232_448)
     monkeypatch.undo()
     K._dy_tiles.cache_clear()
     assert {key for key, tiles in picks.items() if tiles[0] == 256} == {
@@ -424,6 +428,9 @@ def test_lora_dy_takes_larger_row_blocks_at_ranks_32_and_64_where_they_mean_fewe
     assert set(picks.values()) == {(256, 64, 8, 3), (128, 64, 4, 3)}
     assert {key: tiles for key, tiles in hopper.items() if tiles != picks[key]} == {
         (8192, 14336, r): (512, 64, 8, 2) for r in (32, 64)}
+    assert {key: tiles for key, tiles in consumer.items() if tiles != picks[key]} == {
+        (8192, n, 64): (256, 64, 8, 2) for n in (4096, 14336)}
+    assert all(K._DY_256_SMEM[r, tiles[3]] <= 101_376 for (_, _, r), tiles in consumer.items() if tiles[0] == 256)
     m, n = 300, 90
     for tiles, r in ((big, 70), (picks[8192, 4096, 32], 29), (picks[8192, 1024, 64], 7),
                      (hopper[8192, 14336, 64], 33)):
@@ -611,14 +618,14 @@ def test_tma_needs_hopper_class_shared_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: type("Props", (), props)())
     dev = torch.device("cuda", 0)
-    K._has_tma.cache_clear(), K._big_smem.cache_clear()
+    K._has_tma.cache_clear(), K._smem_per_block.cache_clear()
     try:
         assert not K._has_tma(dev)
         props["shared_memory_per_block_optin"] = 232_448  # H100 / H200 / B200
-        K._has_tma.cache_clear(), K._big_smem.cache_clear()
+        K._has_tma.cache_clear(), K._smem_per_block.cache_clear()
         assert K._has_tma(dev)
     finally:
-        K._has_tma.cache_clear(), K._big_smem.cache_clear()
+        K._has_tma.cache_clear(), K._smem_per_block.cache_clear()
 
 
 def test_wrong_mask_bits_are_refused_before_anything_is_written():
@@ -779,7 +786,7 @@ def test_an_empty_batch_runs_forward_and_backward(monkeypatch, p):
     assert y.shape == (2, 0, 24) and x.grad.shape == x.shape
     assert not a.grad.any() and not bb.grad.any() and not b.grad.any()
     monkeypatch.setattr(K, "_INTERPRET", False)
-    assert K._dy_tiles(0, 4104, 64, 132) == (128, 64, 4, 3)
+    assert K._dy_tiles(0, 4104, 64, 132, 232_448) == (128, 64, 4, 3)
     assert K._down_plan(0, 4104, 16, True, True, 132)[3] >= 1 and K._down_plan(8200, 0, 64, True, True, 132)[3] == 1
 
 

@@ -1064,16 +1064,25 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
     return (out, y) if has_up else out
 
 
+# Shared memory of lora_dy's 256-row blocks by (rank pad, stages), bytes: compiled for sm_80, 86, 89 and 120 by
+# benchmarks/smem_kernels.py (sm_90 needs as much or less). Three stages at rank 64 exceed the 101,376 bytes a block
+# of an RTX 3090 / 4090 / 5090, A10 or L4 may use.
+_DY_256_SMEM = {(32, 3): 73_728, (32, 2): 65_536, (64, 3): 106_496, (64, 2): 90_112}
+_HOPPER_SMEM = 227 * 1024  # what "Hopper-class shared memory" asks of a block (an H100 / H200 / B200 allows 232,448)
+
+
 @functools.lru_cache(maxsize=256)
-def _dy_tiles(M: int, N: int, r_pad: int, sms: int, big_smem: bool = False) -> tuple:
-    """lora_dy's (BLOCK_M, BLOCK_N, num_warps, num_stages). Its fp32 atomics are dB's, ceil(M / BLOCK_M)·N·R, and
-    g's, splits·M·R. At ranks 32 and 64 they bound the kernel where N is large: there 256-row blocks halve dB's and
-    take fewer atomics in all (on an H200, 8192 rows, rank 64: 61.5 -> 40.1 µs at N = 4096, 204 -> 149 at 14336;
-    rank 32: 44.1 -> 29.5 at N = 4096; at N = 1024 the counts tie, and 2048² has more with them, 15.1 against 17.2
-    and 9.4 against 14.2 µs at rank 64). Where 512-row blocks (two stages, which fit only Hopper-class shared memory:
-    `big_smem`) cut the count by a quarter more, they halve dB's again: 149 -> 120 µs (rank 64) and 107 -> 95 (rank
-    32; 144 on 128 rows) at 8192×14336; at 8192×4096, where the counts tie, they were slower (40 against 50 µs).
-    At rank 16 dy's read bounds it and 128 rows are as fast or faster (benchmarks/RESULTS.md)."""
+def _dy_tiles(M: int, N: int, r_pad: int, sms: int, smem: int) -> tuple:
+    """lora_dy's (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU of `sms` SMs whose blocks may use `smem` bytes of
+    shared memory. Its fp32 atomics are dB's, ceil(M / BLOCK_M)·N·R, and g's, splits·M·R. At ranks 32 and 64 they
+    bound the kernel where N is large: there 256-row blocks halve dB's and take fewer atomics in all (on an H200, 8192
+    rows, rank 64: 61.5 -> 40.1 µs at N = 4096, 204 -> 149 at 14336; rank 32: 44.1 -> 29.5 at N = 4096; at N = 1024
+    the counts tie, and 2048² has more with them, 15.1 against 17.2 and 9.4 against 14.2 µs at rank 64). Three stages
+    where the block's shared memory holds them, else two (53.0 µs at rank 64, N = 4096, on the H200; consumer GPUs
+    lack the 106,496 bytes of three, `_DY_256_SMEM`). Where 512-row blocks (two stages, Hopper-class shared memory)
+    cut the count by a quarter more, they halve dB's again: 149 -> 120 µs (rank 64) and 107 -> 95 (rank 32; 144 on
+    128 rows) at 8192×14336; at 8192×4096, where the counts tie, they were slower (40 against 50 µs). At rank 16 dy's
+    read bounds it and 128 rows are as fast or faster (benchmarks/RESULTS.md)."""
     if _INTERPRET:
         return 32, 32, 4, 3
     if r_pad > 64:
@@ -1081,19 +1090,27 @@ def _dy_tiles(M: int, N: int, r_pad: int, sms: int, big_smem: bool = False) -> t
     if r_pad in (32, 64):
         # lora_dy's splits of N cover the GPU about twice over; each adds M·R atomics to g.
         atomics = lambda bm: cdiv(M, bm) * N + _grid_splits(N, 64, cdiv(M, bm), 2, sms) * M
-        if big_smem and 4 * atomics(512) < 3 * atomics(256):
+        if smem >= _HOPPER_SMEM and 4 * atomics(512) < 3 * atomics(256):
             return 512, 64, 8, 2
         if atomics(256) < atomics(128):
-            return 256, 64, 8, 3
+            for stages in (3, 2):
+                if _DY_256_SMEM[r_pad, stages] <= smem:
+                    return 256, 64, 8, stages
     return 128, 64, 4, 3
 
 
 @functools.cache
-def _big_smem(device: torch.device) -> bool:
-    """Whether a block may use Hopper-class shared memory (~227 KB; A100 has 163 KB, consumer GPUs ~100 KB)."""
+def _smem_per_block(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on `device` (opt-in; 0 off CUDA): 232,448 on an H100 / H200, 166,912 on
+    an A100, 101,376 on most consumer GPUs."""
     if device.type != "cuda":
-        return False
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) >= 227 * 1024
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+
+
+def _big_smem(device: torch.device) -> bool:
+    """Whether a block may use Hopper-class shared memory (~227 KB)."""
+    return _smem_per_block(device) >= _HOPPER_SMEM
 
 
 def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
@@ -1105,7 +1122,7 @@ def lora_dy(dy, lora_b, xa, scale, g_scale, g, db, dbias=None, *, tiles=None):
     r_pad = _rank_pad(R)
     sms = num_sms(dy.device, 4)
     block_m, block_n, warps, stages = (*tiles, 3)[:4] if tiles is not None else _dy_tiles(
-        M, N, r_pad, sms, _big_smem(dy.device))
+        M, N, r_pad, sms, _smem_per_block(dy.device))
     m_blocks = cdiv(M, block_m)
     n_per_split, splits = _split_range(N, block_n, _grid_splits(N, block_n, m_blocks, 2, sms))
     launch(
