@@ -1,13 +1,14 @@
 """Differentiable ops over the Triton kernels, each beside its pure-torch reference: the LoRA linear,
 RMSNorm, the SwiGLU product, and the chunked linear + cross-entropy of a causal LM's head.
 
-`lora_linear` runs the fused kernels on CUDA tensors (and on CPU tensors under
+`lora_linear` runs the fused kernels on CUDA tensors of an Ampere (sm_80) or newer GPU (and on CPU tensors under
 `TRITON_INTERPRET=1`); elsewhere it falls back to `lora_linear_reference`, which computes the
 same function (the same dropout mask included) with plain torch ops.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -158,9 +159,19 @@ def _fused_gemm(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return None
 
 
+@functools.cache
+def _ampere_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def kernels_available(x: torch.Tensor) -> bool:
-    """True where the Triton kernels run for x: CUDA tensors, or any tensor under TRITON_INTERPRET=1."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True where the Triton kernels run for x: CUDA tensors on an Ampere (sm_80) or newer GPU, or any tensor under
+    TRITON_INTERPRET=1. Older GPUs (T4, V100) take the torch references: the kernels' bf16 dots need sm_80, and their
+    tiles are sized for sm_80's shared memory and asynchronous copies (compiled for a T4, lora_dy's blocks at rank
+    32 need 98,304 bytes of its 65,536; benchmarks/smem_kernels.py)."""
+    if x.is_cuda:
+        return _ampere_or_newer(x.device)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check(x, weight, bias, lora_a, lora_b, dropout_p):

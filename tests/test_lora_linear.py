@@ -824,6 +824,19 @@ def test_bad_shapes_are_named():
         lora_linear(x.half(), w, b, a, bb, 1.0)
 
 
+def test_kernels_run_on_ampere_or_newer_gpus_only(monkeypatch):
+    """CUDA tensors take the kernels on sm_80 and newer; a T4 (sm_75) or V100 (sm_70) takes the torch reference (no bf16
+    dots there, and the tiles need more shared memory than a T4 block has)."""
+    caps = {0: (7, 5), 1: (8, 0), 2: (9, 0), 3: (12, 0), 4: (7, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps[device.index])
+    on = lambda i: kernels_available(type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", i)})())
+    ops._ampere_or_newer.cache_clear()
+    try:
+        assert [on(i) for i in caps] == [False, True, True, True, False]
+    finally:
+        ops._ampere_or_newer.cache_clear()
+
+
 def test_reference_fallback_matches_kernels():
     """The CPU fallback (no interpreter) is the reference: same mask, same numbers."""
     assert kernels_available(torch.zeros(1))  # this suite runs the kernels interpreted
