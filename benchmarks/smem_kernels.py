@@ -55,13 +55,14 @@ def capture(calls, sms: int, smem: int, autotune: bool = False) -> list:
         finally:
             for fn in (K._dy_tiles, K._down_plan):
                 fn.cache_clear()
-    if autotune:
-        for cfg in K._gemm_configs():
-            base = next(x for x in launches if x[1] is K._gemm_lora_kernel)
-            consts = dict(base[3]) | cfg.kwargs
-            launches.append((f"gemm_lora autotune {tuple(cfg.kwargs.values())[:3]} w{cfg.num_warps} "
-                             f"s{cfg.num_stages}", base[1], base[2], consts,
-                             dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
+    if autotune:  # each config of the autotune list on each distinct pointer-GEMM launch (its rank pad, flags)
+        gemms = {tuple((k, v) for k, v in x[3].items() if not k.startswith("BLOCK") and k != "GROUP_M"): x
+                 for x in launches if x[1] is K._gemm_lora_kernel}
+        for base in gemms.values():
+            for cfg in K._gemm_configs():
+                launches.append((f"gemm_lora autotune {tuple(cfg.kwargs.values())[:3]} w{cfg.num_warps} "
+                                 f"s{cfg.num_stages}", base[1], base[2], dict(base[3]) | cfg.kwargs,
+                                 dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     return launches
 
 
@@ -118,6 +119,12 @@ def launcher_calls(dtype: torch.dtype) -> list:
                     x, w, None, xa, b, 1.0, x.dtype, mask_seed=seed, threshold=thr)),
             ]
         calls.append((f"dropout_apply {m}x{k}", lambda x=x: K.dropout_apply(x, seed, thr)))
+    for r in (32, 64):  # N = 14336: lora_dy's 512-row blocks where a block has Hopper-class shared memory
+        m, n = 8192, 14336
+        dy, b = torch.empty(m, n, dtype=dtype), torch.empty(n, r)
+        calls.append((f"lora_dy {m}x{n} r{r}", lambda dy=dy, b=b, r=r: K.lora_dy(
+            dy, b, torch.empty(dy.shape[0], r, dtype=dtype), 1.0, 2.0, torch.empty(dy.shape[0], r),
+            torch.empty(b.shape))))
     return calls
 
 

@@ -161,7 +161,8 @@ def _fused_gemm(a: torch.Tensor, b: torch.Tensor) -> str | None:
 
 @functools.cache
 def _ampere_or_newer(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    # Device properties, which torch.compile folds to constants while it traces the op.
+    return torch.cuda.get_device_properties(device).major >= 8
 
 
 def kernels_available(x: torch.Tensor) -> bool:
@@ -414,7 +415,8 @@ def lora_linear(
     their own dtype). Dropout (only when `training`) uses a Philox mask keyed by a seed drawn from
     torch's generator. Under autocast the inputs are cast to the autocast dtype first.
     Ranks above 64, and fp32 x on a GPU, run the LoRA products as torch matmuls around the kernels' mask (`_wide`).
-    Falls back to `lora_linear_reference` where the kernels cannot run (CPU without the interpreter).
+    Falls back to `lora_linear_reference` where the kernels cannot run (CPU without the interpreter, GPUs older than
+    Ampere: `kernels_available`).
     """
     _check(x, weight, bias, lora_a, lora_b, dropout_p)
     if torch.is_autocast_enabled(x.device.type):

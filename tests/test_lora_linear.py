@@ -430,7 +430,6 @@ def test_lora_dy_takes_larger_row_blocks_at_ranks_32_and_64_where_they_mean_fewe
         (8192, 14336, r): (512, 64, 8, 2) for r in (32, 64)}
     assert {key: tiles for key, tiles in consumer.items() if tiles != picks[key]} == {
         (8192, n, 64): (256, 64, 8, 2) for n in (4096, 14336)}
-    assert all(K._DY_256_SMEM[r, tiles[3]] <= 101_376 for (_, _, r), tiles in consumer.items() if tiles[0] == 256)
     m, n = 300, 90
     for tiles, r in ((big, 70), (picks[8192, 4096, 32], 29), (picks[8192, 1024, 64], 7),
                      (hopper[8192, 14336, 64], 33)):
@@ -610,6 +609,22 @@ def test_tma_gemm_refuses_da_beyond_the_shared_memory_of_a_hopper_block(monkeypa
     assert out.shape == (16, 24) and da.any()
 
 
+def test_gemm_lora_keeps_da_beyond_rank_128_off_the_tma_gemm():
+    """`gemm_lora` hands dA to the TMA GEMM's epilogue only up to rank pad 128 (past it the GEMM's shared memory runs
+    out on a GPU): beyond, the pointer kernel and `lora_grad_a`, with the same result; at rank 16 the TMA GEMM."""
+    m, n, k = 24, 16, 40
+    for r, tma_expected in ((129, False), (16, True)):
+        a, b, c, d = torch.randn(m, k), torch.randn(n, k), torch.randn(m, r), torch.randn(n, r)
+        x = torch.randn(m, n)
+        da = torch.zeros(r, n)
+        with mock.patch.object(K, "gemm_lora_tma", wraps=K.gemm_lora_tma) as tma, \
+                mock.patch.object(K, "tma_gemm_available", lambda *_: True):
+            out = K.gemm_lora(a, b, None, c, d, 0.5, torch.float32, da=da, da_x=x)
+        assert tma.called == tma_expected
+        assert rel_err(out, a.double() @ b.double().T + 0.5 * c.double() @ d.double().T) <= TOL[torch.float32]
+        assert rel_err(da, 0.5 * c.double().T @ x.double()) <= TOL[torch.float32]
+
+
 def test_tma_needs_hopper_class_shared_memory(monkeypatch):
     """Compute capability 9 or more is not enough for the TMA GEMM: consumer Blackwell (sm_120) has ~100 KB of shared
     memory a block, and its tiles need 180 KB. With less than Hopper's, the op takes the cuBLAS path."""
@@ -624,6 +639,12 @@ def test_tma_needs_hopper_class_shared_memory(monkeypatch):
         props["shared_memory_per_block_optin"] = 232_448  # H100 / H200 / B200
         K._has_tma.cache_clear(), K._smem_per_block.cache_clear()
         assert K._has_tma(dev)
+        # A torch that does not report it: CUDA's figure for the compute capability.
+        for cap, smem in (((9, 0), 232_448), ((8, 0), 166_912), ((8, 6), 101_376), ((12, 0), 101_376)):
+            props.clear()
+            props.update(major=cap[0], minor=cap[1])
+            K._smem_per_block.cache_clear()
+            assert K._smem_per_block(dev) == smem
     finally:
         K._has_tma.cache_clear(), K._smem_per_block.cache_clear()
 
@@ -786,8 +807,12 @@ def test_an_empty_batch_runs_forward_and_backward(monkeypatch, p):
     assert y.shape == (2, 0, 24) and x.grad.shape == x.shape
     assert not a.grad.any() and not bb.grad.any() and not b.grad.any()
     monkeypatch.setattr(K, "_INTERPRET", False)
-    assert K._dy_tiles(0, 4104, 64, 132, 232_448) == (128, 64, 4, 3)
-    assert K._down_plan(0, 4104, 16, True, True, 132)[3] >= 1 and K._down_plan(8200, 0, 64, True, True, 132)[3] == 1
+    try:
+        assert K._dy_tiles(0, 4104, 64, 132, 232_448) == (128, 64, 4, 3)
+        assert K._down_plan(0, 4104, 16, True, True, 132)[3] >= 1
+        assert K._down_plan(8200, 0, 64, True, True, 132)[3] == 1
+    finally:  # tiles picked as on a GPU stay out of the interpreter's caches
+        K._dy_tiles.cache_clear(), K._down_plan.cache_clear()
 
 
 def test_no_grad_input_skips_dx():
@@ -828,7 +853,8 @@ def test_kernels_run_on_ampere_or_newer_gpus_only(monkeypatch):
     """CUDA tensors take the kernels on sm_80 and newer; a T4 (sm_75) or V100 (sm_70) takes the torch reference (no bf16
     dots there, and the tiles need more shared memory than a T4 block has)."""
     caps = {0: (7, 5), 1: (8, 0), 2: (9, 0), 3: (12, 0), 4: (7, 0)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps[device.index])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Props", (), {"major": caps[device.index][0]})())
     on = lambda i: kernels_available(type("CudaTensor", (), {"is_cuda": True, "device": torch.device("cuda", i)})())
     ops._ampere_or_newer.cache_clear()
     try:

@@ -739,10 +739,11 @@ def gemm_lora(a, b, bias, c, d, scale, out_dtype, *, mask_seed=None, threshold=0
     da, da_x: a zeroed fp32 (R, N) buffer and an (M, N) tensor: also da += scale · cᵀ · (mask ⊙ da_x)
     (backward dA, with c = g and da_x = x).
     Returns a new contiguous (M, N) tensor of out_dtype. Without a mask, runs the persistent TMA kernel where
-    `tma_gemm_available(a, b)` (Hopper), with dA in its epilogue; elsewhere (and with a mask) the pointer kernel,
-    then `lora_grad_a` for dA.
+    `tma_gemm_available(a, b)` (Hopper), with dA in its epilogue up to rank 128 (beyond, its shared memory runs
+    out); elsewhere (and with a mask) the pointer kernel, then `lora_grad_a` for dA.
     """
-    if mask_seed is None and tma_gemm_available(a, b):
+    tma_da_fits = da is None or c is None or _rank_pad(c.shape[1]) <= _TMA_DA_MAX_RANK_PAD
+    if mask_seed is None and tma_da_fits and tma_gemm_available(a, b):
         return gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, da=da, da_x=da_x)
     if da is not None:
         lora_grad_a(c, da_x, scale, da, mask_seed=mask_seed, threshold=threshold)
@@ -789,7 +790,8 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer (or the interpreter), 2-byte operands on a GPU, no
+    """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer with Hopper-class shared memory (or the interpreter),
+    2-byte operands on a GPU, no
     empty operand, a with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte
     multiples. False while torch.compile traces: Dynamo cannot trace the data pointers' alignment."""
     if torch.compiler.is_compiling() or TensorDescriptor is None:
@@ -949,8 +951,8 @@ def gemm_lora_tma(a, b, bias, c, d, scale, out_dtype, *, down=None, mask_bits=No
     if da is not None and _rank_pad(R) > _TMA_DA_MAX_RANK_PAD and not _INTERPRET:
         raise ValueError(f"gemm_lora_tma: dA in the epilogue at rank {R} (padded to {_rank_pad(R)}) needs more shared "
                          f"memory than a Hopper block has (294,912 bytes at 256, of 232,448; benchmarks/smem_tma.py): "
-                         f"pass da only up to rank {_TMA_DA_MAX_RANK_PAD}, as lora_linear does (ranks above 64 run "
-                         "as torch matmuls)")
+                         f"pass da only up to rank {_TMA_DA_MAX_RANK_PAD}, or leave it out and compute dA with "
+                         "lora_grad_a (gemm_lora does so; lora_linear runs ranks above 64 as torch matmuls)")
     rows_out = b.stride(1) == 1
     masked = mask_bits is not None
     if masked and (tuple(mask_bits.shape) != (M, cdiv(N, 8)) or mask_bits.dtype != torch.uint8
@@ -1064,9 +1066,9 @@ def lora_down(x, lora_a, scale, out_dtype, *, mask_seed=None, threshold=0, lora_
     return (out, y) if has_up else out
 
 
-# Shared memory of lora_dy's 256-row blocks by (rank pad, stages), bytes: compiled for sm_80, 86, 89 and 120 by
-# benchmarks/smem_kernels.py (sm_90 needs as much or less). Three stages at rank 64 exceed the 101,376 bytes a block
-# of an RTX 3090 / 4090 / 5090, A10 or L4 may use.
+# Shared memory of lora_dy's 256-row blocks by (rank pad, stages), bytes, for a 2-byte dy (the op's; the wide path
+# takes fp32 x): compiled for sm_80, 86, 89 and 120 by benchmarks/smem_kernels.py (sm_90 needs as much or less). Three
+# stages at rank 64 exceed the 101,376 bytes a block of an RTX 3090 / 4090 / 5090, A10 or L4 may use.
 _DY_256_SMEM = {(32, 3): 73_728, (32, 2): 65_536, (64, 3): 106_496, (64, 2): 90_112}
 _HOPPER_SMEM = 227 * 1024  # what "Hopper-class shared memory" asks of a block (an H100 / H200 / B200 allows 232,448)
 
@@ -1099,13 +1101,20 @@ def _dy_tiles(M: int, N: int, r_pad: int, sms: int, smem: int) -> tuple:
     return 128, 64, 4, 3
 
 
+# Opt-in shared memory a block may use, by compute capability, where torch does not report it: CUDA's table
+# (sm_80 and sm_87 163 KB, sm_90 and sm_100 227 KB, the other sm_8x / sm_12x 99 KB).
+_SMEM_BY_CAPABILITY = {(8, 0): 166_912, (8, 7): 166_912, (9, 0): 232_448, (10, 0): 232_448}
+
+
 @functools.cache
 def _smem_per_block(device: torch.device) -> int:
     """Bytes of shared memory a block may use on `device` (opt-in; 0 off CUDA): 232,448 on an H100 / H200, 166,912 on
     an A100, 101,376 on most consumer GPUs."""
     if device.type != "cuda":
         return 0
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", None)
+    return smem if smem is not None else _SMEM_BY_CAPABILITY.get((props.major, props.minor), 101_376)
 
 
 def _big_smem(device: torch.device) -> bool:
