@@ -13,67 +13,29 @@ then each one's GPU time (CUDA-graph replay; not for p = .05).
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_kernels import fwd_bwd, make, rel  # benchmarks/ is sys.path[0] when this script runs
+from profile_launch import Identity, host_us
 from triton.testing import do_bench, do_bench_cudagraph
 
 from lora_engine.ops import lora_linear, lora_linear_reference
 
 
-def make(m, k, n, r, dtype):
-    g = torch.Generator(device="cuda").manual_seed(m + n + r)
-    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g).requires_grad_()
-    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) / math.sqrt(k)
-    a = (torch.randn(r, k, device="cuda", dtype=dtype, generator=g) / math.sqrt(k)).requires_grad_()
-    b = (torch.randn(n, r, device="cuda", dtype=dtype, generator=g) / math.sqrt(r)).requires_grad_()
-    dy = torch.randn(m, n, device="cuda", dtype=dtype, generator=g)
-    return x, w, a, b, dy
-
-
-def rel(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
 def step(fn, params, dy):
-    def run():
-        for t in params:
-            t.grad = None
-        fn().backward(dy)
-
-    return run
+    return fwd_bwd(fn, None, params, dy)
 
 
 def eager_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def host_us(fn, n=50, batches=7):
-    """Minimum over batches of the host time per call, no sync inside a batch."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(batches):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t) / n)
-        torch.cuda.synchronize()
-    return min(times) * 1e6
-
-
-class Identity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy
+def host_min_us(fn):
+    """The least host time per call over 7 batches of 50 calls, no sync inside a batch."""
+    return host_us(fn, batches=7, reduce=min)
 
 
 def part_fp32():
@@ -115,7 +77,7 @@ def host_table(m, k, n, r=16, s=2.0):
         "identity autograd.Function": (lambda: Identity.apply(x), [x], x.detach()),
     }
     steps = {name: step(*v) for name, v in variants.items()}
-    rounds = [{name: (eager_ms(f), host_us(f)) for name, f in steps.items()} for _ in range(5)]
+    rounds = [{name: (eager_ms(f), host_min_us(f)) for name, f in steps.items()} for _ in range(5)]
     gpu = {name: do_bench_cudagraph(f, rep=60, return_mode="median")
            for name, f in steps.items() if name != "ours, p = .05"}
     print(f"\n{m}×{k}→{n} r{r}\n")

@@ -26,8 +26,8 @@ from lora_engine.kernels.launch import launch
 from lora_engine.ops import LoRALinearFunction, lora_linear
 
 
-def host_us(fn, n=50, batches=9):
-    """Median over batches of the host time per call, no sync inside a batch (the VMs are noisy)."""
+def host_us(fn, n=50, batches=9, reduce=statistics.median):
+    """Median (or `reduce`) over batches of the host time per call, no sync inside a batch (the VMs are noisy)."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -37,7 +37,7 @@ def host_us(fn, n=50, batches=9):
             fn()
         times.append((time.perf_counter() - t) / n)
         torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+    return reduce(times) * 1e6
 
 
 class Identity(torch.autograd.Function):

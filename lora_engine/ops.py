@@ -132,8 +132,8 @@ def _wide(x2: torch.Tensor, r: int) -> bool:
     and for fp32 x on a GPU. The kernels' tiles are sized for 2-byte operands: compiled for sm_90 (triton 3.9, on the
     CPU), the TMA GEMM needs 180,248 bytes of shared memory in bf16 and 327,696 in fp32, past Hopper's 232,448 a block;
     lora_dy's 512-row blocks would need 2 × 128 KB; and fp32 GEMMs gain nothing from Triton over cuBLAS. (Under the
-    interpreter fp32 stays on the kernels, which is how the CPU tests check them. The fp32 routing has not run on a GPU
-    yet: `test_gpu_fp32_x_against_fp64`.)"""
+    interpreter fp32 stays on the kernels, which is how the CPU tests check them; `test_gpu_fp32_x_against_fp64`
+    checks the fp32 routing on a GPU.)"""
     return r > _WIDE_RANK or (x2.dtype == torch.float32 and x2.is_cuda)
 
 

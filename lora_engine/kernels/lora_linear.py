@@ -791,9 +791,9 @@ def _has_tma(device: torch.device) -> bool:
 
 def tma_gemm_available(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `gemm_lora_tma` can run a · bᵀ: Hopper or newer with Hopper-class shared memory (or the interpreter),
-    2-byte operands on a GPU, no
-    empty operand, a with unit column stride, b with one unit stride, both TMA-addressable, output rows of 16-byte
-    multiples. False while torch.compile traces: Dynamo cannot trace the data pointers' alignment."""
+    2-byte operands on a GPU, no empty operand, a with unit column stride, b with one unit stride, both
+    TMA-addressable, output rows of 16-byte multiples. False while torch.compile traces: Dynamo cannot trace the data
+    pointers' alignment."""
     if torch.compiler.is_compiling() or TensorDescriptor is None:
         return False
     if not (_INTERPRET or _has_tma(a.device)) or a.numel() == 0 or b.numel() == 0:
